@@ -1,0 +1,81 @@
+"""Jitted end-to-end sampling time of a model, float vs quantized, side by side in one run.
+
+    python bench/bench_sampling.py --out bench/results/sampling_cpu.json
+
+Writes JSON with one row per method: compile seconds (first call), median
+seconds of the jitted sampler over ``--repeats`` calls, per-step milliseconds,
+samples/second and weight bytes; plus the device, versions and the command.
+The quantized rows run the jnp reference path (fake quantization), so on their
+own they measure the cost of quantize/dequantize ops, not a kernel speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None):
+    import jax
+
+    from jaxdq.cli import _quantized
+    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels, weight_bytes
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--methods", default="float,w8a8,w4a8,naive")
+    ap.add_argument("--solver", default="ddim")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--per-class", type=int, default=10, help="samples per class (10 classes; CFG doubles the batch)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    model = load_model(args.model)
+    classes = list(range(model.config.num_classes))
+    x_T, y = noise_and_labels(model.config, classes, args.per_class, 0)
+    run = make_sampler(model.config, solver=args.solver, num_steps=args.steps)
+    key = jax.random.PRNGKey(1)
+    rows = []
+    for name in args.methods.split(","):
+        m = _quantized(model, name, calib_per_class=2, progress=False)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(m.params, x_T, y, key))
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(run(m.params, x_T, y, key))
+            times.append(time.perf_counter() - t0)
+        med = statistics.median(times)
+        rows.append({"method": name, "compile_plus_first_call_s": round(compile_s, 3),
+                     "median_s": round(med, 4), "min_s": round(min(times), 4),
+                     "per_step_ms": round(1e3 * med / args.steps, 3),
+                     "samples_per_s": round(y.shape[0] / med, 1), "weight_bytes": weight_bytes(m.params)})
+        print(f"{name:8s} median {med:.4f}s  ({1e3 * med / args.steps:.2f} ms/step)  compile {compile_s:.1f}s",
+              flush=True)
+    dev = jax.devices()[0]
+    result = {
+        "bench": "sampling", "command": "python " + " ".join([sys.argv[0]] + sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}", "jax": jax.__version__,
+        "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "model": args.model, "solver": args.solver, "steps": args.steps,
+        "batch": int(y.shape[0]), "model_batch_with_cfg": 2 * int(y.shape[0]), "repeats": args.repeats,
+        "rows": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()

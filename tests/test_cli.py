@@ -1,0 +1,75 @@
+"""The main job and the CLI on the shipped default model (small settings to stay fast)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdq.cli import main
+from jaxdq.viz import read_png
+
+FAST = ["--classes", "0,1,7", "--per-class", "2", "--steps", "10"]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_demo_writes_table_png_and_quantization_helps(demo_out):
+    res = json.load(open(demo_out / "compare.json"))
+    rows = {r["method"]: r for r in res["results"]}
+    assert list(rows) == ["float", "w8a8", "w4a8", "naive"]
+    fp = rows["float"]["weight_bytes"]
+    # int8 linears + float first/last layers, embeddings and scales: between 3x and 4x smaller than fp32
+    assert 3.0 < fp / rows["w8a8"]["weight_bytes"] < 4.0
+    assert rows["w4a8"]["weight_bytes"] < rows["w8a8"]["weight_bytes"]
+    # per-token dynamic W8A8 stays close to float; naive static per-tensor is worse
+    assert rows["w8a8"]["psnr_vs_float_db"] > 25.0
+    assert rows["w8a8"]["psnr_vs_float_db"] > rows["naive"]["psnr_vs_float_db"]
+    img = read_png(str(demo_out / "compare.png"))
+    assert img.ndim == 3 and img.shape[1] > 4 * img.shape[0] // 2  # four panels side by side
+    assert "| w8a8 |" in open(demo_out / "compare.md").read()
+
+
+def test_export_load_sample_without_float_weights(tmp_path, capsys):
+    ckpt = tmp_path / "w8a8"
+    assert main(["quantize", "--method", "w8a8", "--out", str(ckpt)]) == 0
+    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels
+    from jaxdq.quant.recipes import quantize_method
+
+    loaded = load_model(str(ckpt))
+    assert loaded.metadata["method"] == "w8a8" and loaded.metadata["jaxdq_version"]
+    direct = quantize_method("w8a8", load_model("default").params)
+    x_T, y = noise_and_labels(loaded.config, [3], 2, 0)
+    run = make_sampler(loaded.config, num_steps=5)
+    a = run(loaded.params, x_T, y, jax.random.PRNGKey(0))
+    b = run(direct, x_T, y, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    png = tmp_path / "s.png"
+    assert main(["sample", "--model", str(ckpt), "--out", str(png), "--classes", "3", "--per-class", "2",
+                 "--steps", "5"]) == 0
+    assert read_png(str(png)).shape[0] > 0
+    assert main(["load", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert '"method": "w8a8"' in out and "W8A8" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["sample", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["sample", "--classes", "42"], "classes must be in [0, 10)"),
+    (["demo", "--methods", "w3a3"], "unknown method"),
+    (["quantize", "--method", "bogus", "--out", "x"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_give_one_line(argv, needle):
+    r = subprocess.run([sys.executable, "-m", "jaxdq.cli", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
