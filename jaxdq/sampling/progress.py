@@ -67,8 +67,15 @@ class ProgressBar:
 
 def _print_step(count, *_, total: int, desc: str) -> None:
     count = int(count)
-    end = "\n" if count >= total else ""
-    sys.stderr.write("\r" + render(desc, count, total) + end)
+    done = count >= total
+    # A log file (not a terminal) gets a line per tenth instead of a redraw per step.
+    if not sys.stderr.isatty():
+        tenth = max(1, total // 10)
+        if count % tenth and not done:
+            return
+        sys.stderr.write(render(desc, count, total) + "\n")
+    else:
+        sys.stderr.write("\r" + render(desc, count, total) + ("\n" if done else ""))
     sys.stderr.flush()
 
 
