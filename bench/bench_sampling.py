@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv=None):
     import jax
 
-    from jaxdq.cli import _quantized
-    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels, weight_bytes
+    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels, quantize_model, weight_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -45,7 +44,7 @@ def main(argv=None):
     key = jax.random.PRNGKey(1)
     rows = []
     for name in args.methods.split(","):
-        m = _quantized(model, name, calib_per_class=2, progress=False)
+        m = quantize_model(model, name, calib_per_class=2, progress=False)
         t0 = time.perf_counter()
         jax.block_until_ready(run(m.params, x_T, y, key))
         compile_s = time.perf_counter() - t0

@@ -77,22 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _quantized(model, method: str, calib_per_class: int, progress: bool = True):
-    from jaxdq.pipeline import LoadedModel, calibrate
-    from jaxdq.quant.recipes import quantize_method
-
-    if method == "float":
-        return model
-    if model.metadata.get("method", "float") != "float":
-        raise ValueError(f"model is already quantized ({model.metadata['method']}); give a float model")
-    stats = None
-    if method == "naive":
-        stats = calibrate(model, classes=list(range(model.config.num_classes))[:10],
-                          per_class=calib_per_class, progress=progress)
-    params = quantize_method(method, model.params, stats)
-    return LoadedModel(model.config, params, dict(model.metadata, method=method, bits=method.upper()))
-
-
 def _cmd_convert(args):
     from jaxdq.pipeline import load_model, save_model
 
@@ -102,9 +86,9 @@ def _cmd_convert(args):
 
 
 def _cmd_export(args):
-    from jaxdq.pipeline import load_model, save_model, weight_bytes
+    from jaxdq.pipeline import load_model, quantize_model, save_model, weight_bytes
 
-    model = _quantized(load_model(args.model, num_heads=args.num_heads), args.method, args.calib_per_class)
+    model = quantize_model(load_model(args.model, num_heads=args.num_heads), args.method, args.calib_per_class)
     path = save_model(args.out, model)
     print(f"wrote {path}  ({args.method}, {weight_bytes(model.params) / 1e6:.2f} MB of weights)")
 
@@ -150,7 +134,7 @@ def _cmd_demo(args):
     import numpy as np
 
     from jaxdq.metrics import psnr
-    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels, weight_bytes
+    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels, quantize_model, weight_bytes
     from jaxdq.quant.recipes import METHODS
     from jaxdq.viz import grid, labeled, side_by_side, write_png
 
@@ -167,7 +151,7 @@ def _cmd_demo(args):
     results, images = [], {}
     for name in ["float"] + methods:
         print(f"[{name}] {'quantizing' if name != 'float' else 'float model'}", file=sys.stderr)
-        m = _quantized(model, name, calib_per_class=2)
+        m = quantize_model(model, name, calib_per_class=2)
         t0 = time.time()
         x0 = np.asarray(jax.block_until_ready(run(m.params, x_T, y, key)))
         images[name] = x0

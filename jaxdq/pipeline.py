@@ -109,6 +109,22 @@ def calibrate(model: LoadedModel, *, classes: list[int], per_class: int = 4, see
     return collect_act_stats(model.module.apply, model.params, inputs, progress=progress)
 
 
+def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, progress: bool = True) -> LoadedModel:
+    """Apply a named recipe (``"float"`` = unchanged), calibrating first when it is static."""
+    from jaxdq.quant.recipes import quantize_method
+
+    if method == "float":
+        return model
+    if model.metadata.get("method", "float") != "float":
+        raise ValueError(f"model is already quantized ({model.metadata['method']}); give a float model")
+    stats = None
+    if method == "naive":
+        stats = calibrate(model, classes=list(range(model.config.num_classes))[:10],
+                          per_class=calib_per_class, progress=progress)
+    params = quantize_method(method, model.params, stats)
+    return LoadedModel(model.config, params, dict(model.metadata, method=method, bits=method.upper()))
+
+
 def weight_bytes(params: Mapping) -> int:
     from jaxdq.quant.qlinear import nbytes
 
