@@ -111,7 +111,7 @@ def calibrate(model: LoadedModel, *, classes: list[int], per_class: int = 4, see
 
 def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, progress: bool = True) -> LoadedModel:
     """Apply a named recipe (``"float"`` = unchanged), calibrating first when it is static."""
-    from jaxdq.quant.recipes import quantize_method
+    from jaxdq.quant.recipes import METHOD_BITS, quantize_method
 
     if method == "float":
         return model
@@ -122,7 +122,7 @@ def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, pr
         stats = calibrate(model, classes=list(range(model.config.num_classes))[:10],
                           per_class=calib_per_class, progress=progress)
     params = quantize_method(method, model.params, stats)
-    return LoadedModel(model.config, params, dict(model.metadata, method=method, bits=method.upper()))
+    return LoadedModel(model.config, params, dict(model.metadata, method=method, bits=METHOD_BITS[method]))
 
 
 def weight_bytes(params: Mapping) -> int:

@@ -73,3 +73,12 @@ def test_bad_arguments_give_one_line(argv, needle):
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.strip() and "WARNING" not in l]
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_quantized_metadata_names_bits_of_every_method():
+    from jaxdq.pipeline import load_model, quantize_model
+    from jaxdq.quant.recipes import METHOD_BITS, METHODS
+
+    assert set(METHOD_BITS) == set(METHODS)
+    m = quantize_model(load_model("default"), "w4a16", progress=False)
+    assert m.metadata["method"] == "w4a16" and m.metadata["bits"] == "W4A16"

@@ -59,6 +59,10 @@ METHODS = {
 }
 
 
+# WxAy label of each recipe's quantized layers (first/last layers stay float).
+METHOD_BITS = {"w8a8": "W8A8", "w4a8": "W4A8", "naive": "W8A8", "w8a16": "W8A16", "w4a16": "W4A16"}
+
+
 def quantize_method(method: str, params: Mapping, stats: Optional[Mapping] = None) -> dict:
     """Apply a recipe by name (see :data:`METHODS`)."""
     if method == "w8a8":
