@@ -24,7 +24,7 @@ from jaxdq.quant.qlinear import QLinear
 from jaxdq.quant.quantizer import QuantSpec
 
 _ARRAY_FIELDS = ("qweight", "w_scale", "w_zero", "bias", "act_scale", "act_zero",
-                 "smooth", "lowrank_a", "lowrank_b")
+                 "smooth", "lowrank_a", "lowrank_b", "act_t")
 FORMAT_VERSION = 1
 
 
@@ -43,7 +43,7 @@ def _flatten(tree: Mapping, layers: dict, prefix: str = "") -> dict:
         path = f"{prefix}/{k}" if prefix else str(k)
         if isinstance(v, QLinear):
             layers[path] = {"w_spec": _spec_to_json(v.w_spec), "act_spec": _spec_to_json(v.act_spec),
-                            "packed": v.packed, "impl": v.impl}
+                            "packed": v.packed, "impl": v.impl, "had_block": v.had_block}
             out[k] = {f: np.asarray(getattr(v, f)) for f in _ARRAY_FIELDS if getattr(v, f) is not None}
         elif isinstance(v, Mapping):
             out[k] = _flatten(v, layers, path)
@@ -61,7 +61,8 @@ def _unflatten(tree: Mapping, layers: Mapping, prefix: str = "") -> dict:
             out[k] = QLinear(**{f: jax.numpy.asarray(a) for f, a in v.items()},
                              w_spec=_spec_from_json(cfg["w_spec"]),
                              act_spec=_spec_from_json(cfg["act_spec"]),
-                             packed=cfg["packed"], impl=cfg["impl"])
+                             packed=cfg["packed"], impl=cfg["impl"],
+                             had_block=cfg.get("had_block", 0))
         elif isinstance(v, Mapping):
             out[k] = _unflatten(v, layers, path)
         else:

@@ -1,4 +1,4 @@
-"""``jaxdq`` command line: convert | quantize | sample | export | load | demo.
+"""``jaxdq`` command line: convert | quantize | sample | export | load | compare | demo.
 
 With no command it runs ``demo`` on the default model: quantizes it (W8A8
 ViDiT-Q baseline, W4A8, and the naive static per-tensor contrast), samples each
@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default="default")
         p.add_argument("--method", required=name == "quantize", choices=list(METHODS) if name == "quantize"
-                       else list(METHODS) + ["float"], default=None if name == "quantize" else "float")
+                       else list(METHODS) + ["float"], default=None if name == "quantize" else "float",
+                       metavar="METHOD", help=f"one of {', '.join(METHODS)}")
         p.add_argument("--out", required=True)
         p.add_argument("--num-heads", type=int, default=None)
         p.add_argument("--calib-per-class", type=int, default=4)
@@ -71,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples.png")
     p.add_argument("--num-heads", type=int, default=None)
     _add_sampling(p)
+
+    from jaxdq.compare import DEFAULT_METHODS
+
+    p = sub.add_parser("compare", help="float vs every method from the same noise: metrics table (md+json) + PNG")
+    p.add_argument("--model", default="default", help="'default', a jaxdq checkpoint or a PyTorch DiT checkpoint")
+    p.add_argument("--out", default="jaxdq_compare", help="output directory")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {', '.join(METHODS)}")
+    p.add_argument("--calib-per-class", type=int, default=4)
+    _add_sampling(p)
+    p.set_defaults(per_class=10)
 
     p = sub.add_parser("load", help="load a jaxdq checkpoint and print its metadata and layers")
     p.add_argument("path")
@@ -192,7 +204,17 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
-COMMANDS = {"demo": _cmd_demo, "convert": _cmd_convert, "quantize": _cmd_export, "export": _cmd_export,
+def _cmd_compare(args):
+    from jaxdq.compare import markdown_table, run_compare
+
+    res = run_compare(args.model, [m for m in args.methods.split(",") if m], classes=args.classes,
+                      per_class=args.per_class, solver=args.solver, num_steps=args.steps, cfg_scale=args.cfg,
+                      seed=args.seed, calib_per_class=args.calib_per_class, out_dir=args.out)
+    print(markdown_table(res["results"]))
+    print(f"\nwrote {os.path.join(args.out, 'compare.md')}, compare.json, compare.png (a row per method)")
+
+
+COMMANDS = {"demo": _cmd_demo, "compare": _cmd_compare, "convert": _cmd_convert, "quantize": _cmd_export, "export": _cmd_export,
             "sample": _cmd_sample, "load": _cmd_load}
 
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jaxdq.quant.qlinear import QLinear
 
 ACT_STATS = "act_stats"
+ACT_SAMPLES = "act_samples"  # when mutable, each Linear keeps SAMPLE_TOKENS of its input tokens
+SAMPLE_TOKENS = 32
 
 # Role tags later transforms select on (see jaxdq.quant.rules).
 ROLES = ("self-attn", "cross-attn", "temporal-attn", "ffn", "adaLN", "time-embedding",
@@ -31,8 +33,12 @@ ROLES = ("self-attn", "cross-attn", "temporal-attn", "ffn", "adaLN", "time-embed
 def linear(p: Mapping[str, Any] | QLinear, x: jax.Array) -> jax.Array:
     """``x @ W + b`` for a float layer dict, or the quantized forward of a QLinear.
 
+    A float layer dict may also carry the float-equivalent transforms of
+    :mod:`jaxdq.quant` (``smooth``, ``hadamard``, ``lowrank_a``/``lowrank_b``):
+    ``x' = H(x / smooth)``, ``y = x' W + (x' L1) L2 + b``.
+
     Args:
-      p: ``{"kernel": [C_in, C_out], "bias": [C_out] (optional)}``, or
+      p: ``{"kernel": [C_in, C_out], "bias": [C_out] (optional), ...}``, or
          ``{"qlinear": QLinear}``, or a QLinear.
       x: ``[..., C_in]`` floating array.
     Returns:
@@ -42,11 +48,27 @@ def linear(p: Mapping[str, Any] | QLinear, x: jax.Array) -> jax.Array:
         p = p["qlinear"]
     if isinstance(p, QLinear):
         return p(x)
-    kernel = p["kernel"]
-    y = jnp.dot(x, kernel.astype(x.dtype))
+    if not isinstance(p, Mapping):
+        raise TypeError(f"linear() got {type(p).__name__}; time-dependent layers must be resolved first "
+                        "(jaxdq.quant.timestep.timestep_aware)")
+    x = transform_input(p, x)
+    y = jnp.dot(x, p["kernel"].astype(x.dtype))
+    if p.get("lowrank_a") is not None:
+        y = y + jnp.dot(jnp.dot(x, p["lowrank_a"].astype(x.dtype)), p["lowrank_b"].astype(x.dtype))
     if p.get("bias") is not None:
         y = y + p["bias"].astype(x.dtype)
     return y
+
+
+def transform_input(p: Mapping[str, Any], x: jax.Array) -> jax.Array:
+    """The online input transforms of a float layer dict, in order: ``x / smooth``
+    (``[C_in]``, from :mod:`jaxdq.quant.smooth`), then ``p["hadamard"](x)`` (a
+    :class:`jaxdq.quant.hadamard.Hadamard`).  The kernel already holds their inverses."""
+    if p.get("smooth") is not None:
+        x = x / p["smooth"].astype(x.dtype)
+    if p.get("hadamard") is not None:
+        x = p["hadamard"](x)
+    return x
 
 
 def _update_stats(mod: nn.Module, x: jax.Array) -> None:
@@ -80,6 +102,16 @@ def _update_stats(mod: nn.Module, x: jax.Array) -> None:
     v["count"].value = v["count"].value + xf.size
 
 
+def _store_samples(mod: nn.Module, x: jax.Array) -> None:
+    """Keep ``SAMPLE_TOKENS`` evenly strided input tokens ``[k, C_in]`` float32 (the last
+    call's; reconstruction-style methods such as SVDQuant's α search read them)."""
+    xf = x.astype(jnp.float32).reshape(-1, x.shape[-1])
+    k = min(SAMPLE_TOKENS, xf.shape[0])
+    idx = jnp.asarray([round(i * (xf.shape[0] - 1) / max(k - 1, 1)) for i in range(k)], jnp.int32)
+    v = mod.variable(ACT_SAMPLES, "samples", lambda: jnp.zeros((k, x.shape[-1]), jnp.float32))
+    v.value = xf[idx]
+
+
 class Linear(nn.Module):
     """Dense layer whose params may be float or quantized.
 
@@ -106,4 +138,6 @@ class Linear(nn.Module):
             p = self.variables["params"]
         if self.is_mutable_collection(ACT_STATS):
             _update_stats(self, x)
+        if self.is_mutable_collection(ACT_SAMPLES):
+            _store_samples(self, x)
         return linear(p, x)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxdq import checkpoint
 from jaxdq.models.dit import DiT, DiTConfig
+from jaxdq.quant.timestep import timestep_aware
 from jaxdq.sampling import cfg_model_fn, linear_schedule, sample
 
 
@@ -70,7 +71,7 @@ def make_sampler(config: DiTConfig, *, solver: str = "ddim", num_steps: int = 50
 
     @jax.jit
     def run(params, x_T, y, key):
-        apply = lambda x, t, yy: module.apply({"params": params}, x, t, yy)
+        apply = timestep_aware(lambda p, x, t, yy: module.apply({"params": p}, x, t, yy), params)
         model_fn = cfg_model_fn(apply, y, config.num_classes, cfg_scale)
         return sample(model_fn, x_T, key, schedule=schedule, solver=solver, num_steps=num_steps,
                       return_trajectory=return_trajectory, progress=progress)
@@ -87,42 +88,153 @@ def noise_and_labels(config: DiTConfig, classes: list[int], per_class: int, seed
 
 def calibrate(model: LoadedModel, *, classes: list[int], per_class: int = 4, seed: int = 1234,
               solver: str = "ddim", num_steps: int = 50, cfg_scale: float = 4.0,
-              progress: bool = False) -> dict:
-    """Activation statistics of every Linear along the float model's own CFG trajectories.
+              samples: bool = False, keep_inputs: bool = False, progress: bool = False) -> dict:
+    """Per-timestep activation statistics of every Linear along the float model's own
+    CFG trajectories, the conditional and null-class halves observed separately.
 
-    Both CFG halves (conditional and null-class) are observed, as the model is
-    called on them at sampling time.
+    Returns:
+      ``{"t": [S] int32 timesteps, "cond": tree, "uncond": tree}``; every leaf of a
+      branch has a leading ``[S]`` step axis (see :mod:`jaxdq.calibrate`).  With
+      ``keep_inputs`` also ``"inputs": {"x": [S, N, C, H, W], "y": [N]}``, the
+      trajectory the statistics came from (mixed precision measures on it).
     """
-    from jaxdq.calibrate import collect_act_stats
+    from jaxdq.calibrate import collect_step_stats
 
     x_T, y = noise_and_labels(model.config, classes, per_class, seed)
     run = make_sampler(model.config, solver=solver, num_steps=num_steps, cfg_scale=cfg_scale,
                        return_trajectory=True, progress=progress)
     _, traj = run(model.params, x_T, y, jax.random.PRNGKey(seed + 1))
-    steps = traj["x"].shape[0]
-    null = jnp.full_like(y, model.config.num_classes)
-    inputs = {
-        "x": jnp.concatenate([traj["x"], traj["x"]], axis=1),
-        "t": jnp.broadcast_to(traj["t"][:, None], (steps, 2 * y.shape[0])),
-        "y": jnp.broadcast_to(jnp.concatenate([y, null])[None], (steps, 2 * y.shape[0])),
-    }
-    return collect_act_stats(model.module.apply, model.params, inputs, progress=progress)
+    steps, n = traj["x"].shape[0], y.shape[0]
+    t = jnp.broadcast_to(traj["t"][:, None], (steps, n))
+    out = {"t": np.asarray(traj["t"])}
+    if keep_inputs:
+        out["inputs"] = {"x": np.asarray(traj["x"]), "y": np.asarray(y)}
+    for branch, labels in (("cond", y), ("uncond", jnp.full_like(y, model.config.num_classes))):
+        inputs = {"x": traj["x"], "t": t, "y": jnp.broadcast_to(labels[None], (steps, n))}
+        out[branch] = collect_step_stats(model.module.apply, model.params, inputs, samples=samples,
+                                         progress=progress, label=f"calibrating ({branch})")
+    return out
 
 
-def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, progress: bool = True) -> LoadedModel:
-    """Apply a named recipe (``"float"`` = unchanged), calibrating first when it is static."""
-    from jaxdq.quant.recipes import METHOD_BITS, quantize_method
+def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, progress: bool = True,
+                   calib: Optional[dict] = None, **kwargs) -> LoadedModel:
+    """Apply a named recipe (``"float"`` = unchanged), calibrating first when it needs it
+    (or using ``calib``, a :func:`calibrate` result, when given)."""
+    from jaxdq.quant.recipes import method_bits, needs_calibration, quantize_method
 
     if method == "float":
         return model
     if model.metadata.get("method", "float") != "float":
         raise ValueError(f"model is already quantized ({model.metadata['method']}); give a float model")
-    stats = None
-    if method == "naive":
-        stats = calibrate(model, classes=list(range(model.config.num_classes))[:10],
-                          per_class=calib_per_class, progress=progress)
-    params = quantize_method(method, model.params, stats)
-    return LoadedModel(model.config, params, dict(model.metadata, method=method, bits=METHOD_BITS[method]))
+    if calib is None and needs_calibration(method):
+        calib = calibrate(model, classes=list(range(model.config.num_classes))[:10], per_class=calib_per_class,
+                          samples=method.startswith("svdquant"), keep_inputs=method == "vidit-q-mp",
+                          progress=progress)
+    meta = dict(model.metadata, method=method, bits=method_bits(method))
+    if method == "vidit-q-mp":
+        params, report = mixed_precision_params(model, calib, progress=progress, **kwargs)
+        meta["mixed_precision"] = report
+    else:
+        params = quantize_method(method, model.params, calib, **kwargs)
+    return LoadedModel(model.config, params, meta)
+
+
+def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: float = 6.0, num_segments: int = 4,
+                           low: int = 4, high: int = 8, act_bits: int = 8, steps_per_segment: int = 3,
+                           max_samples: int = 16, progress: bool = False) -> tuple[dict, dict]:
+    """ViDiT-Q W{low}/{high}A{act_bits} with metric-decoupled timestep-segment mixed precision.
+
+    Channel balancing as in :func:`jaxdq.quant.recipes.vidit_q`; then, per segment of
+    the calibration trajectory (``calib["inputs"]``, from ``calibrate(keep_inputs=True)``),
+    layer sensitivities and a greedy allocation under ``budget_bits`` average weight
+    bits (:mod:`jaxdq.quant.mixed_precision`).  Layers whose bits differ between
+    segments become :class:`jaxdq.quant.timestep.Segmented` nodes.
+    Returns (params, report: per-segment promoted layers and bit accounting).
+    """
+    import re
+
+    from jaxdq.models.dit import layer_roles
+    from jaxdq.quant import mixed_precision as mp
+    from jaxdq.quant.quantizer import dequantize, compute_qparams, quantize, QuantSpec
+    from jaxdq.quant.recipes import DEFAULT_KEEP_FLOAT, dynamic_cfg, vidit_q_balance
+    from jaxdq.quant.rules import get_path, is_float_linear, iter_linears, map_linears, quantize_linear
+    from jaxdq.quant.timestep import Segmented, segment_bounds
+
+    if calib is None or "inputs" not in calib:
+        raise ValueError("mixed precision needs calibrate(..., keep_inputs=True)")
+    bal = vidit_q_balance(model.params, calib)
+    roles = layer_roles(model.config)
+    paths = [p for p, l in iter_linears(bal) if is_float_linear(l)
+             and not any(re.search(k, p) for k in DEFAULT_KEEP_FLOAT)]
+    sizes = {p: int(np.prod(get_path(bal, p)["kernel"].shape)) for p in paths}
+    metrics = {p: mp.metric_of(roles.get(p)) for p in paths}
+
+    def deq(kernel, bits):
+        spec = QuantSpec(bits=bits, granularity="channel")
+        s, z = compute_qparams(kernel, spec, kind="weight")
+        return dequantize(quantize(kernel, s, z, spec, kind="weight"), s, z, spec, kind="weight")
+
+    low_k = {p: deq(get_path(bal, p)["kernel"], low) for p in paths}
+    base = map_linears(bal, lambda p, l: dict(l, kernel=deq(l["kernel"], high)) if p in sizes else l)
+
+    def swap(path):
+        def make(tree):
+            return map_linears(tree, lambda p, l: dict(l, kernel=low_k[p]) if p == path else l)
+        return make
+
+    module, null = model.module, model.config.num_classes
+    x_all, y_all = jnp.asarray(calib["inputs"]["x"]), jnp.asarray(calib["inputs"]["y"])
+    n = min(max_samples, y_all.shape[0])
+    idx = np.linspace(0, y_all.shape[0] - 1, n).round().astype(int)
+    ts = np.asarray(calib["t"])
+    S = len(ts)
+    bounds = segment_bounds(ts, num_segments)
+
+    @jax.jit
+    def eval_fn(params, x, t, ref_c, ref_u):
+        y = y_all[idx]
+        c = model.config.in_channels
+        def one(xk, tk):
+            tt = jnp.full((n,), tk, jnp.int32)
+            ec = module.apply({"params": params}, xk, tt, y)[:, :c]
+            eu = module.apply({"params": params}, xk, tt, jnp.full_like(y, null))[:, :c]
+            return ec, eu
+        ec, eu = jax.vmap(one)(x, t)
+        return mp.output_metrics(ec, eu, ref_c, ref_u)
+
+    float_apply = jax.jit(lambda x, t: jax.vmap(lambda xk, tk: (
+        module.apply({"params": model.params}, xk, jnp.full((n,), tk, jnp.int32), y_all[idx])[:, :model.config.in_channels],
+        module.apply({"params": model.params}, xk, jnp.full((n,), tk, jnp.int32),
+                     jnp.full((n,), null, jnp.int32))[:, :model.config.in_channels]))(x, t))
+    promoted, report = [], {"budget_bits": budget_bits, "low": low, "high": high, "segments": []}
+    for k in range(num_segments):
+        lo_i, hi_i = round(k * S / num_segments), round((k + 1) * S / num_segments)
+        steps = np.linspace(lo_i, hi_i - 1, min(steps_per_segment, hi_i - lo_i)).round().astype(int)
+        x = x_all[steps][:, idx]
+        t = jnp.asarray(ts[steps], jnp.int32)
+        ref_c, ref_u = float_apply(x, t)
+        ev = lambda params: eval_fn(params, x, t, ref_c, ref_u)
+        sens = mp.layer_sensitivities(ev, base, {p: swap(p) for p in paths}, progress=progress)
+        chosen, acct = mp.allocate(sizes, metrics, sens, budget_bits, low, high)
+        promoted.append(chosen)
+        report["segments"].append({"steps": [int(lo_i), int(hi_i)], "promoted": sorted(chosen),
+                                   "avg_bits": acct["used"] / sum(sizes.values()),
+                                   "sensitivity": {p: sens[p] for p in paths}})
+
+    cfg_lo, cfg_hi = dynamic_cfg(low, act_bits), dynamic_cfg(high, act_bits)
+
+    def build(path, layer):
+        if path not in sizes:
+            return layer
+        index = tuple(int(path in ch) for ch in promoted)
+        if all(index):
+            return {"qlinear": quantize_linear(layer, cfg_hi)}
+        if not any(index):
+            return {"qlinear": quantize_linear(layer, cfg_lo)}
+        return Segmented(variants=({"qlinear": quantize_linear(layer, cfg_lo)},
+                                   {"qlinear": quantize_linear(layer, cfg_hi)}), index=index, bounds=bounds)
+
+    return map_linears(bal, build), report
 
 
 def weight_bytes(params: Mapping) -> int:

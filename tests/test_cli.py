@@ -1,5 +1,6 @@
 """The main job and the CLI on the shipped default model (small settings to stay fast)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def test_bad_arguments_give_one_line(argv, needle):
 
 def test_quantized_metadata_names_bits_of_every_method():
     from jaxdq.pipeline import load_model, quantize_model
-    from jaxdq.quant.recipes import METHOD_BITS, METHODS
+    from jaxdq.quant.recipes import METHODS, method_bits
 
-    assert set(METHOD_BITS) == set(METHODS)
+    labels = {m: method_bits(m) for m in METHODS}
+    assert labels["naive"] == "W8A8" and labels["vidit-q-w4a8"] == "W4A8" and labels["vidit-q-mp"] == "W4/8A8"
+    assert all(re.fullmatch(r"W[0-9/]+A\d+", v) for v in labels.values()), labels
     m = quantize_model(load_model("default"), "w4a16", progress=False)
     assert m.metadata["method"] == "w4a16" and m.metadata["bits"] == "W4A16"

@@ -1,57 +1,145 @@
-"""Activation statistics of every linear layer, collected along sampling trajectories.
+"""Activation statistics of every linear layer, per timestep and per CFG branch.
 
 The float model first samples with ``return_trajectory=True`` (only the images
 x_t are kept, never activations); the model is then replayed on that trajectory
 under ``lax.scan`` with the ``act_stats`` collection mutable, so each
-:class:`jaxdq.nn.Linear` folds the new activations into running reductions
-(maxima, sums).  Memory is the statistics plus one forward pass.
+:class:`jaxdq.nn.Linear` reduces its input into a few statistics (see
+``jaxdq.nn._update_stats``).  Memory is the statistics plus one forward pass.
+
+Per-step statistics (:func:`collect_step_stats`) keep a leading step axis ``S`` on
+every leaf; :func:`pool_stats` reduces any subset of steps and branches back to
+one set (what static quantizers and smoothing read).  A calibration result is the
+pytree ``{"t": [S] int32, "cond": tree, "uncond": tree}`` (branches of the CFG
+batch, observed separately); :func:`save_stats` / :func:`load_stats` store it.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdq.nn import ACT_STATS
+from jaxdq.nn import ACT_SAMPLES, ACT_STATS
+
+# How each statistic combines over steps/branches.
+_REDUCE = {"absmax": np.max, "min": np.min, "max": np.max, "token_absmax_max": np.max,
+           "token_absmax_min": np.min, "sq_sum": np.sum, "count": np.sum}
 
 
-def collect_act_stats(apply_fn: Callable[..., Any], params: Mapping, step_inputs: Mapping[str, jax.Array],
-                      *, progress: bool = False) -> dict:
-    """Reduce every Linear's input statistics over a sequence of model calls.
+def collect_step_stats(apply_fn: Callable[..., Any], params: Mapping, step_inputs: Mapping[str, jax.Array],
+                       *, samples: bool = False, progress: bool = False, label: str = "calibrating") -> dict:
+    """Every Linear's input statistics at each of S model calls, separately.
 
     Args:
       apply_fn: ``flax_module.apply``.
       params: the float params tree.
       step_inputs: keyword arguments of the model call, each with a leading
         step axis ``S`` (e.g. ``{"x": [S, B, C, H, W], "t": [S, B], "y": [S, B]}``).
-      progress: show a progress bar over the S calls.
+      samples: also keep ``SAMPLE_TOKENS`` input tokens per layer and step
+        (leaf ``"samples": [S, k, C_in]``).
+      progress: progress bar over the S calls.
     Returns:
-      The ``act_stats`` tree (same module paths as ``params``); see
-      ``jaxdq.nn._update_stats`` for the fields.
+      Tree with the module paths of ``params``; each linear's leaves are the
+      statistics of ``jaxdq.nn._update_stats`` with a leading ``[S]`` axis.
     """
     steps = jax.tree_util.tree_leaves(step_inputs)[0].shape[0]
-
-    def call(variables, inputs):
-        _, upd = apply_fn(variables, **inputs, mutable=[ACT_STATS])
-        return upd[ACT_STATS]
+    cols = [ACT_STATS] + ([ACT_SAMPLES] if samples else [])
 
     @jax.jit
     def run(params, step_inputs):
-        first = jax.tree_util.tree_map(lambda a: a[0], step_inputs)
-        stats = call({"params": params}, first)
-        rest = jax.tree_util.tree_map(lambda a: a[1:], step_inputs)
-
-        def body(stats, xs):
+        def body(_, xs):
             i, inputs = xs
             if progress:
                 from jaxdq.sampling.progress import scan_progress
 
-                scan_progress(i + 1, steps, "calibrating")
-            return call({"params": params, ACT_STATS: stats}, inputs), None
+                scan_progress(i + 1, steps, label)
+            _, upd = apply_fn({"params": params}, **inputs, mutable=cols)
+            out = dict(upd[ACT_STATS])
+            if samples:
+                out = _merge(out, upd[ACT_SAMPLES])
+            return None, out
 
-        stats, _ = jax.lax.scan(body, stats, (jnp.arange(1, steps), rest))
-        return stats
+        return jax.lax.scan(body, None, (jnp.arange(steps), step_inputs))[1]
 
-    return jax.device_get(run(params, step_inputs))
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(run(params, step_inputs)))
+
+
+def _merge(a: Mapping, b: Mapping) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out and isinstance(v, Mapping) else v
+    return out
+
+
+def _is_layer(node) -> bool:
+    return isinstance(node, Mapping) and "absmax" in node
+
+
+def pool_stats(stats: Mapping, steps: Optional[Sequence[int] | np.ndarray] = None) -> dict:
+    """Reduce per-step statistics over ``steps`` (indices into S; all if None).
+
+    ``stats`` is either a per-step tree (from :func:`collect_step_stats`) or a
+    calibration result with ``"cond"``/``"uncond"`` branches, whose branches are
+    pooled together.  Stored samples are concatenated to ``[n, C_in]``.
+    """
+    if "cond" in stats:
+        trees = [stats[b] for b in ("cond", "uncond") if b in stats]
+    else:
+        trees = [stats]
+
+    def pool(nodes):
+        if _is_layer(nodes[0]):
+            out = {}
+            for k in nodes[0]:
+                arrs = [np.asarray(n[k]) if steps is None else np.asarray(n[k])[np.asarray(steps)] for n in nodes]
+                a = np.concatenate(arrs, axis=0)
+                out[k] = a.reshape(-1, a.shape[-1]) if k == "samples" else _REDUCE[k](a, axis=0)
+            return out
+        return {k: pool([n[k] for n in nodes]) for k in nodes[0]}
+
+    return pool(trees)
+
+
+def frobenius_j(layer_stats: Mapping) -> float:
+    """LRQ-DiT's ``J = ||X||_F / sqrt(#elements)`` (RMS of the layer input) from pooled stats."""
+    return float(np.sqrt(layer_stats["sq_sum"] / max(float(layer_stats["count"]), 1.0)))
+
+
+def collect_act_stats(apply_fn: Callable[..., Any], params: Mapping, step_inputs: Mapping[str, jax.Array],
+                      *, progress: bool = False) -> dict:
+    """Statistics pooled over all S calls (``collect_step_stats`` then ``pool_stats``)."""
+    return pool_stats(collect_step_stats(apply_fn, params, step_inputs, progress=progress))
+
+
+def save_stats(path: str, stats: Mapping) -> str:
+    """Write a statistics pytree (nested dicts of arrays) to one ``.npz`` file."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}/{k}" if prefix else str(k)
+            if isinstance(v, Mapping):
+                walk(v, key)
+            else:
+                flat[key] = np.asarray(v)
+
+    walk(stats, "")
+    if not path.endswith(".npz"):
+        path += ".npz"
+    np.savez_compressed(path, **flat)
+    return path
+
+
+def load_stats(path: str) -> dict:
+    """Inverse of :func:`save_stats`."""
+    out: dict = {}
+    with np.load(path) as z:
+        for key in z.files:
+            node = out
+            *parents, leaf = key.split("/")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = z[key]
+    return out

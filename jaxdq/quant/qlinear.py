@@ -7,7 +7,7 @@ static configuration (bit widths, granularities) as pytree aux data, so
 
 Forward semantics (``Y = X W + b`` with ``X: [..., C_in]``, ``W: [C_in, C_out]``)::
 
-    X' = X / smooth                                   (smooth: [C_in], optional)
+    X' = H(X / smooth)                                (smooth: [C_in]; H: block Hadamard, optional)
     Y  = Q_a(X') · deq(qweight) + (X' L1) L2 + bias   (L1: [C_in, r], L2: [r, C_out])
 
 ``Q_a`` fake-quantizes activations (dynamic: range from X' at every call;
@@ -16,7 +16,8 @@ function: ``"fake"`` dequantizes both operands to float32 and multiplies
 (the reference), ``"int"`` multiplies integer codes with an int32 accumulator and
 applies ``s_x · s_w`` afterwards, which is what an integer GEMM kernel does; it
 applies when both operands are symmetric with one scale per token/tensor and
-per channel/tensor.
+per channel/tensor.  ``"kernel"`` runs :func:`pallas_kernels.ops.qlinear_apply`
+(Pallas GPU kernels on a GPU backend, the reference elsewhere).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxdq.quant.hadamard import block_hadamard
 from jaxdq.quant.quantizer import (
     QuantSpec,
     dequantize,
@@ -49,9 +51,13 @@ class QLinear:
       act_scale, act_zero: ``[]`` float32 static activation qparams, or None (dynamic).
       smooth: ``[C_in]`` per-input-channel divisor of X (folded into W already), or None.
       lowrank_a, lowrank_b: ``[C_in, r]`` and ``[r, C_out]`` 16-bit-style float factors, or None.
+      act_t: ``[S]`` int32 timesteps when the static activation qparams are per timestep
+        (then ``act_scale``/``act_zero`` are ``[S]``); resolved to one timestep by
+        :func:`jaxdq.quant.timestep.at_timestep` before the layer is called.
     Static fields (aux data):
       w_spec: the weight QuantSpec; act_spec: activation QuantSpec or None (float activations);
-      packed: int4 packing; impl: "fake" (reference) or "int".
+      packed: int4 packing; impl: "fake" (reference), "int" or "kernel";
+      had_block: block size of the online input Hadamard rotation (0 = none).
     """
 
     qweight: jax.Array
@@ -63,10 +69,12 @@ class QLinear:
     smooth: Optional[jax.Array] = None
     lowrank_a: Optional[jax.Array] = None
     lowrank_b: Optional[jax.Array] = None
+    act_t: Optional[jax.Array] = None
     w_spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec())
     act_spec: Optional[QuantSpec] = struct.field(pytree_node=False, default=None)
     packed: bool = struct.field(pytree_node=False, default=False)
     impl: str = struct.field(pytree_node=False, default="fake")
+    had_block: int = struct.field(pytree_node=False, default=0)
 
     @property
     def in_features(self) -> int:
@@ -97,6 +105,14 @@ class QLinear:
         return fake_quant(x, self.act_spec, kind="activation",
                           scale=self.act_scale, zero=self.act_zero)
 
+    def transform_input(self, x: jax.Array) -> jax.Array:
+        """``H(x / smooth)``: the online input transforms (identity when absent)."""
+        if self.smooth is not None:
+            x = x / self.smooth.astype(x.dtype)
+        if self.had_block:
+            x = block_hadamard(x, self.had_block)
+        return x
+
     def _int_matmul(self, x: jax.Array) -> jax.Array:
         if self.act_static:
             codes, s_x = quantize(x, self.act_scale, None, self.act_spec, kind="activation"), self.act_scale
@@ -114,10 +130,15 @@ class QLinear:
                 and a.granularity in ("token", "tensor") and w.granularity in ("channel", "tensor"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.act_t is not None:
+            raise ValueError("this QLinear has per-timestep activation qparams; resolve them with "
+                             "jaxdq.quant.timestep.at_timestep(params, t) before calling the model")
         dtype = x.dtype
-        x = x.astype(jnp.float32)
-        if self.smooth is not None:
-            x = x / self.smooth
+        if self.impl == "kernel":
+            from pallas_kernels.ops import qlinear_apply
+
+            return qlinear_apply(self, x)
+        x = self.transform_input(x.astype(jnp.float32))
         if self.impl == "int" and self.int_path_ok():
             y = self._int_matmul(x)
         else:

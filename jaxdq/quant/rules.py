@@ -17,6 +17,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdq.quant.hadamard import rotate_kernel
 from jaxdq.quant.qlinear import QLinear
 from jaxdq.quant.quantizer import QuantSpec, compute_qparams, pack_int4, quantize
 
@@ -127,6 +128,8 @@ def quantize_linear(layer: Mapping, cfg: LayerQuant,
                     act_stats: Optional[Mapping] = None) -> QLinear:
     """Quantize one float linear layer dict ``{"kernel": [C_in, C_out], "bias"?}``.
 
+    The dict's float-equivalent transforms (``smooth``, ``hadamard``, ``lowrank_a``/
+    ``lowrank_b``) are carried into the QLinear; only ``kernel`` is quantized.
     ``act_stats`` (this layer's calibration statistics, see ``jaxdq.nn``) is needed
     only for static activation quantization.
     """
@@ -141,10 +144,13 @@ def quantize_linear(layer: Mapping, cfg: LayerQuant,
             raise ValueError("static activation quantization needs calibration statistics")
         act_scale, act_zero = static_act_qparams(act_stats, cfg.act)
     bias = layer.get("bias")
-    return QLinear(qweight=codes, w_scale=scale, w_zero=zero,
-                   bias=None if bias is None else jnp.asarray(bias, jnp.float32),
-                   act_scale=act_scale, act_zero=act_zero,
-                   w_spec=cfg.weight, act_spec=cfg.act, packed=cfg.pack, impl=cfg.impl)
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
+    had = layer.get("hadamard")
+    return QLinear(qweight=codes, w_scale=scale, w_zero=zero, bias=f32(bias),
+                   act_scale=act_scale, act_zero=act_zero, smooth=f32(layer.get("smooth")),
+                   lowrank_a=f32(layer.get("lowrank_a")), lowrank_b=f32(layer.get("lowrank_b")),
+                   w_spec=cfg.weight, act_spec=cfg.act, packed=cfg.pack, impl=cfg.impl,
+                   had_block=0 if had is None else had.block)
 
 
 def quantize_params(params: Params, rules: Sequence[Rule], *,
@@ -192,6 +198,8 @@ def dequantize_params(params: Params) -> dict:
         w = q.dequantized_weight()
         if q.lowrank_a is not None:
             w = w + q.lowrank_a @ q.lowrank_b
+        if q.had_block:
+            w = rotate_kernel(w, q.had_block)
         if q.smooth is not None:
             w = w / q.smooth[:, None]
         out = {"kernel": w}
