@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import jaxdq
 from jaxdq.quant.qlinear import QLinear
 from jaxdq.quant.quantizer import QuantSpec
+from jaxdq.quant.timestep import Segmented
 
 _ARRAY_FIELDS = ("qweight", "w_scale", "w_zero", "bias", "act_scale", "act_zero",
                  "smooth", "lowrank_a", "lowrank_b", "act_t")
@@ -41,7 +42,11 @@ def _flatten(tree: Mapping, layers: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, QLinear):
+        if isinstance(v, Segmented):
+            layers[path] = {"segmented": {"index": list(v.index), "bounds": list(v.bounds),
+                                          "variants": len(v.variants)}}
+            out[k] = {f"v{i}": _flatten(var, layers, f"{path}/v{i}") for i, var in enumerate(v.variants)}
+        elif isinstance(v, QLinear):
             layers[path] = {"w_spec": _spec_to_json(v.w_spec), "act_spec": _spec_to_json(v.act_spec),
                             "packed": v.packed, "impl": v.impl, "had_block": v.had_block}
             out[k] = {f: np.asarray(getattr(v, f)) for f in _ARRAY_FIELDS if getattr(v, f) is not None}
@@ -56,7 +61,12 @@ def _unflatten(tree: Mapping, layers: Mapping, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
         path = f"{prefix}/{k}" if prefix else str(k)
-        if path in layers:
+        if path in layers and "segmented" in layers[path]:
+            seg = layers[path]["segmented"]
+            out[k] = Segmented(variants=tuple(_unflatten(v[f"v{i}"], layers, f"{path}/v{i}")
+                                              for i in range(seg["variants"])),
+                               index=tuple(seg["index"]), bounds=tuple(seg["bounds"]))
+        elif path in layers:
             cfg = layers[path]
             out[k] = QLinear(**{f: jax.numpy.asarray(a) for f, a in v.items()},
                              w_spec=_spec_from_json(cfg["w_spec"]),

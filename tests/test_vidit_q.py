@@ -1,0 +1,153 @@
+"""ViDiT-Q pieces and the baselines on the shipped default DiT: defining properties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdq.calibrate import load_stats, pool_stats, save_stats
+from jaxdq.pipeline import calibrate, load_model, make_sampler, noise_and_labels, quantize_model
+from jaxdq.quant import mixed_precision as mp
+from jaxdq.quant.qlinear import QLinear
+from jaxdq.quant.quantizer import QuantSpec
+from jaxdq.quant.recipes import quantize_method, vidit_q_balance
+from jaxdq.quant.rules import LayerQuant, get_path, quantize_linear
+from jaxdq.quant.timestep import Segmented, at_segment, at_timestep, segment_bounds, segment_of, timestep_aware
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def calib(model):
+    return calibrate(model, classes=[1, 7], per_class=2, num_steps=8, keep_inputs=True)
+
+
+def test_calibration_is_per_step_and_per_branch(model, calib, tmp_path):
+    # replay one step of the cond branch by hand and compare its statistics
+    st = calib["cond"]["blocks_2"]["mlp"]["fc1"]
+    assert st["absmax"].shape == (8, model.config.hidden_size)
+    x, y = calib["inputs"]["x"], calib["inputs"]["y"]
+    k = 5
+    _, acts = model.module.apply({"params": model.params}, jnp.asarray(x[k]), jnp.full((4,), calib["t"][k]),
+                                 jnp.asarray(y), mutable=["act_stats"])
+    ref = acts["act_stats"]["blocks_2"]["mlp"]["fc1"]
+    np.testing.assert_allclose(st["absmax"][k], ref["absmax"], rtol=1e-5)
+    np.testing.assert_allclose(st["max"][k], ref["max"], rtol=1e-5)
+    # the uncond branch sees the null class: different statistics
+    un = calib["uncond"]["blocks_2"]["mlp"]["fc1"]
+    assert not np.allclose(un["absmax"][k], st["absmax"][k])
+    # pooling = max over steps and branches; save/load is lossless
+    pooled = pool_stats(calib)["blocks_2"]["mlp"]["fc1"]
+    np.testing.assert_array_equal(pooled["absmax"], np.maximum(st["absmax"].max(0), un["absmax"].max(0)))
+    assert pooled["count"] == st["count"].sum() + un["count"].sum()
+    path = save_stats(str(tmp_path / "calib"), calib)
+    back = load_stats(path)
+    np.testing.assert_array_equal(back["uncond"]["blocks_0"]["attn"]["qkv"]["sq_sum"],
+                                  calib["uncond"]["blocks_0"]["attn"]["qkv"]["sq_sum"])
+    np.testing.assert_array_equal(back["t"], calib["t"])
+
+
+def test_channel_balancing_leaves_the_float_model_unchanged(model, calib):
+    bal = vidit_q_balance(model.params, calib)
+    layer = get_path(bal, "blocks_3/mlp/fc2")
+    assert "smooth" in layer and layer["hadamard"].block == 512
+    x, y = noise_and_labels(model.config, [0, 5], 2, 3)
+    t = jnp.asarray([900, 900, 10, 10])
+    ref = model.module.apply({"params": model.params}, x, t, y)
+    out = model.module.apply({"params": bal}, x, t, y)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4)
+
+
+def test_dynamic_activation_quant_recomputes_its_range_per_call():
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
+    cfg = LayerQuant(weight=QuantSpec(bits=8, granularity="channel"), act=QuantSpec(bits=8, granularity="token"))
+    q = quantize_linear({"kernel": w}, cfg)
+    a = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+    # scaling the input by 100 scales the output by exactly 100: the range follows the tensor
+    np.testing.assert_allclose(np.asarray(q(100.0 * a)), 100.0 * np.asarray(q(a)), rtol=1e-4, atol=1e-3)
+    # a token's result does not depend on the other tokens in the call
+    big = jnp.concatenate([a, 1e3 * jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)])
+    np.testing.assert_allclose(np.asarray(q(big)[:3]), np.asarray(q(a)), rtol=1e-6)
+    # whereas a static range is fixed at calibration
+    qs = quantize_linear({"kernel": w}, LayerQuant(weight=cfg.weight, act=QuantSpec(bits=8, granularity="tensor"),
+                                                   act_static=True), act_stats={"min": -1.0, "max": 1.0})
+    assert not np.allclose(np.asarray(qs(100.0 * a)), 100.0 * np.asarray(qs(a)), rtol=1e-3)
+
+
+def test_allocation_meets_the_bit_budget_exactly():
+    rng = np.random.default_rng(1)
+    paths = [f"l{i}" for i in range(12)]
+    sizes = {p: int(rng.integers(100, 5000)) for p in paths}
+    metrics = {p: ["quality", "alignment", "temporal"][i % 3] for i, p in enumerate(paths)}
+    sens = {p: {m: float(rng.random()) for m in ("quality", "alignment", "temporal")} for p in paths}
+    total = sum(sizes.values())
+    for budget in (4.0, 5.0, 6.5, 8.0):
+        chosen, acct = mp.allocate(sizes, metrics, sens, budget)
+        used = sum(8 * sizes[p] if p in chosen else 4 * sizes[p] for p in paths)
+        assert used == acct["used"] <= budget * total
+        # nothing left out would still fit
+        assert all(used + 4 * sizes[p] > budget * total for p in paths if p not in chosen)
+    assert mp.allocate(sizes, metrics, sens, 8.0)[0] == set(paths)
+    assert mp.allocate(sizes, metrics, sens, 4.0)[0] == set()
+    with pytest.raises(ValueError):
+        mp.allocate(sizes, metrics, sens, 3.0)
+
+
+def test_segments_switch_inside_jit():
+    bounds = segment_bounds([999, 800, 600, 400, 200, 0], 3)
+    assert [int(segment_of(t, bounds)) for t in (999, 800, 600, 400, 200, 0)] == [0, 0, 1, 1, 2, 2]
+    w = jnp.eye(4)
+    lo = {"kernel": w}
+    hi = {"kernel": 2 * w}
+    params = {"l": Segmented(variants=(lo, hi), index=(0, 1, 0), bounds=bounds)}
+    assert at_segment(params, 1)["l"] is hi
+    f = jax.jit(timestep_aware(lambda p, x, t: x @ p["l"]["kernel"], params))
+    x = jnp.ones((2, 4))
+    for t, scale in ((999, 1.0), (400, 2.0), (0, 1.0)):
+        np.testing.assert_allclose(np.asarray(f(x, jnp.full((2,), t))), scale * np.ones((2, 4)))
+
+
+def test_qdiffusion_uses_each_timesteps_own_range(model, calib):
+    q = quantize_method("qdiffusion-w8a8", model.params, calib)
+    node: QLinear = get_path(q, "blocks_1/attn/qkv")["qlinear"]
+    assert node.act_scale.shape == (8,) and node.act_t.shape == (8,)
+    k = 3
+    st = pool_stats(calib, steps=[k])["blocks_1"]["attn"]["qkv"]
+    expect = (max(st["max"], 0) - min(st["min"], 0)) / 255
+    resolved = at_timestep(q, jnp.asarray(calib["t"][k]))
+    np.testing.assert_allclose(float(get_path(resolved, "blocks_1/attn/qkv")["qlinear"].act_scale), expect, rtol=1e-5)
+    with pytest.raises(ValueError, match="at_timestep"):
+        node(jnp.ones((2, node.in_features)))
+
+
+def test_mixed_precision_model_samples_under_jit_and_respects_budget(model, calib):
+    m = quantize_model(model, "vidit-q-mp", calib=calib, progress=False, budget_bits=5.0, steps_per_segment=1,
+                       max_samples=4)
+    segs = m.metadata["mixed_precision"]["segments"]
+    assert len(segs) == 4 and all(s["avg_bits"] <= 5.0 for s in segs)
+    assert any(isinstance(v, Segmented) for v in jax.tree_util.tree_leaves(
+        m.params, is_leaf=lambda n: isinstance(n, Segmented)))
+    x_T, y = noise_and_labels(model.config, [2, 3], 1, 0)
+    run = make_sampler(model.config, num_steps=8)
+    out = np.asarray(run(m.params, x_T, y, jax.random.PRNGKey(1)))
+    ref = np.asarray(run(model.params, x_T, y, jax.random.PRNGKey(1)))
+    assert np.isfinite(out).all() and 0 < np.abs(out - ref).mean() < 0.5
+
+
+def test_mixed_precision_and_per_timestep_checkpoints_round_trip(model, calib, tmp_path):
+    from jaxdq.pipeline import save_model
+
+    x_T, y = noise_and_labels(model.config, [4], 2, 0)
+    run = make_sampler(model.config, num_steps=8)
+    for method, kw in (("vidit-q-mp", dict(budget_bits=5.0, steps_per_segment=1, max_samples=4)),
+                       ("qdiffusion-w8a8", {})):
+        m = quantize_model(model, method, calib=calib, progress=False, **kw)
+        path = save_model(str(tmp_path / method), m)
+        back = load_model(path)
+        assert back.metadata["method"] == method
+        a = np.asarray(run(m.params, x_T, y, jax.random.PRNGKey(0)))
+        b = np.asarray(run(back.params, x_T, y, jax.random.PRNGKey(0)))
+        np.testing.assert_array_equal(a, b)
