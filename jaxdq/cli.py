@@ -51,8 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(per_class=6)
 
-    p = sub.add_parser("convert", help="PyTorch DiT checkpoint → jaxdq (orbax) checkpoint")
+    from jaxdq.models.registry import ARCH_NAMES
+
+    p = sub.add_parser("convert", help="PyTorch checkpoint → jaxdq (orbax) checkpoint")
     p.add_argument("path", help=".safetensors/.pt/.pth/.bin file or diffusers folder")
+    p.add_argument("--model", default="dit", choices=ARCH_NAMES, metavar="FAMILY",
+                   help=f"model family: {', '.join(ARCH_NAMES)}")
+    p.add_argument("--config", default=None,
+                   help="named config (e.g. PixArt-sigma-1024, sd-1.5, flux1-dev) or a config.json path, "
+                        "for checkpoints without their own config.json")
     p.add_argument("--out", required=True)
     p.add_argument("--num-heads", type=int, default=None, help="needed when the checkpoint has no config")
 
@@ -90,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_convert(args):
-    from jaxdq.pipeline import load_model, save_model
+    from jaxdq.pipeline import convert_model, save_model, weight_bytes
 
-    model = load_model(args.path, num_heads=args.num_heads)
+    model = convert_model(args.path, args.model, config=args.config, num_heads=args.num_heads)
     path = save_model(args.out, model)
-    print(f"converted {args.path} → {path}")
+    print(f"converted {args.model} {args.path} → {path}  ({weight_bytes(model.params) / 1e6:.1f} MB of weights)")
 
 
 def _cmd_export(args):
@@ -125,6 +132,7 @@ def _cmd_sample(args):
     from jaxdq.viz import grid, write_png
 
     model = load_model(args.model, num_heads=args.num_heads)
+    model.require_dit("jaxdq sample")
     _check_classes(args.classes, model.config.num_classes)
     x_T, y = noise_and_labels(model.config, args.classes, args.per_class, args.seed)
     run = make_sampler(model.config, solver=args.solver, num_steps=args.steps, cfg_scale=args.cfg, progress=True)

@@ -51,6 +51,7 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     model = load_model(model_source)
+    model.require_dit("jaxdq compare")
     nc = model.config.num_classes
     classes = list(range(min(nc, 10))) if classes is None else list(classes)
     if not classes or any(not 0 <= c < nc for c in classes):

@@ -25,13 +25,42 @@ from jaxdq.sampling import cfg_model_fn, linear_schedule, sample
 
 @dataclasses.dataclass
 class LoadedModel:
-    config: DiTConfig
+    config: Any
     params: dict
     metadata: dict
 
     @property
-    def module(self) -> DiT:
-        return DiT(self.config)
+    def arch(self) -> str:
+        """Model family (:data:`jaxdq.models.registry.ARCH_NAMES`); checkpoints before it was recorded are DiTs."""
+        return self.metadata.get("arch", "dit")
+
+    @property
+    def module(self):
+        if self.arch == "dit":
+            return DiT(self.config)
+        from jaxdq.models.registry import get_arch
+
+        return get_arch(self.arch).module(self.config)
+
+    def require_dit(self, what: str) -> None:
+        if self.arch != "dit":
+            raise ValueError(f"{what} runs class-conditional DiT models; this is a {self.arch!r} model "
+                             "(use the family samplers in jaxdq.sampling.families from Python)")
+
+
+def convert_model(path: str, arch: str = "dit", *, config: Optional[str] = None,
+                  num_heads: Optional[int] = None) -> LoadedModel:
+    """Convert a PyTorch checkpoint of model family ``arch`` (see :mod:`jaxdq.models.registry`)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if arch == "dit" and config is None:
+        return load_model(path, num_heads=num_heads)
+    from jaxdq.models.registry import convert_checkpoint
+
+    kwargs = {"num_heads": num_heads} if num_heads and arch in ("dit", "pixart", "latte") else {}
+    cfg, params = convert_checkpoint(arch, path, config, **kwargs)
+    return LoadedModel(cfg, params, {"arch": arch, "method": "float", "bits": "W32A32",
+                                     "source": os.path.abspath(path)})
 
 
 class ModelSourceError(ValueError):
@@ -47,7 +76,12 @@ def load_model(source: str = "default", *, num_heads: Optional[int] = None) -> L
         return LoadedModel(cfg, params, {"method": "float", "bits": "W32A32", "source": "default"})
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "meta")):
         params, meta = checkpoint.load(source)
-        return LoadedModel(DiTConfig(**meta["model"]), params, meta)
+        arch = meta.get("arch", "dit")
+        if arch == "dit":
+            return LoadedModel(DiTConfig(**meta["model"]), params, meta)
+        from jaxdq.models.registry import get_arch
+
+        return LoadedModel(get_arch(arch).config_from_dict(meta["model"]), params, meta)
     if os.path.exists(source):
         from converters import convert_dit, load_state_dict
 
@@ -100,6 +134,7 @@ def calibrate(model: LoadedModel, *, classes: list[int], per_class: int = 4, see
     """
     from jaxdq.calibrate import collect_step_stats
 
+    model.require_dit("calibrate")
     x_T, y = noise_and_labels(model.config, classes, per_class, seed)
     run = make_sampler(model.config, solver=solver, num_steps=num_steps, cfg_scale=cfg_scale,
                        return_trajectory=True, progress=progress)
@@ -130,6 +165,10 @@ def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, pr
         calib = calibrate(model, classes=list(range(model.config.num_classes))[:10], per_class=calib_per_class,
                           samples=method.startswith("svdquant"), keep_inputs=method == "vidit-q-mp",
                           progress=progress)
+    if model.arch != "dit":
+        from jaxdq.models.registry import get_arch
+
+        kwargs.setdefault("keep_float", get_arch(model.arch).keep_float)
     meta = dict(model.metadata, method=method, bits=method_bits(method))
     if method == "vidit-q-mp":
         params, report = mixed_precision_params(model, calib, progress=progress, **kwargs)

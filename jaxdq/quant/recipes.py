@@ -201,6 +201,12 @@ METHODS = {
 METHODS.update({f"{f}-w{w}a8": f"W{w}A8 {d}" for f, d in FAMILIES.items() if f != "vidit-q-mp" for w in (8, 4)})
 METHODS["vidit-q-mp"] = "W4/8 A8 " + FAMILIES["vidit-q-mp"]
 
+METHODS["svdquant"] = ("SVDQuant W4A4: smoothing (α searched) + rank-32 fp16 low-rank + INT4 group-64 weights, "
+                       "dynamic 4-bit group-64 activations")
+METHODS["svdquant-w4a8"] = "SVDQuant W4A8 (per-token 8-bit activations)"
+METHODS["svdquant-w8a8"] = "SVDQuant W8A8 (rank 16, per-channel weights, per-token activations)"
+_SVDQ = {"svdquant": (4, 4), "svdquant-w4a4": (4, 4), "svdquant-w4a8": (4, 8), "svdquant-w8a8": (8, 8)}
+
 _ALIASES = {"w8a8": "dynamic-w8a8", "w4a8": "dynamic-w4a8", "naive": "naive-w8a8"}
 
 
@@ -219,6 +225,8 @@ def method_bits(method: str) -> str:
     """WxAy label of a method's quantized layers."""
     if method in ("w8a16", "w4a16"):
         return method.upper()
+    if method in _SVDQ:
+        return "W%dA%d" % _SVDQ[method]
     fam, w, a = parse_method(method)
     return "W4/8A8" if fam == "vidit-q-mp" else f"W{w}A{a}"
 
@@ -226,15 +234,23 @@ def method_bits(method: str) -> str:
 def needs_calibration(method: str) -> bool:
     if method in ("w8a16", "w4a16", "float"):
         return False
+    if method in _SVDQ:
+        return True
     return parse_method(method)[0] in CALIBRATED
 
 
 def quantize_method(method: str, params: Mapping, calib: Optional[Mapping] = None, **kwargs) -> dict:
     """Apply a recipe by name (see :data:`METHODS`); ``kwargs`` go to the recipe."""
     if method == "w8a16":
-        return weight_only(params, bits=8)
+        return weight_only(params, bits=8, **kwargs)
     if method == "w4a16":
-        return weight_only(params, bits=4, group_size=64)
+        return weight_only(params, bits=4, group_size=64, **kwargs)
+    if method in _SVDQ:
+        from jaxdq.quant.svdquant import svdquant
+
+        wb, ab = _SVDQ[method]
+        return svdquant(params, _pooled(calib, method), weight_bits=wb, act_bits=ab,
+                        **{"rank": 16 if wb == 8 else 32, **kwargs})
     fam, wb, ab = parse_method(method)
     if fam == "dynamic":
         return w8a8_dynamic(params, weight_bits=wb, act_bits=ab, **kwargs)

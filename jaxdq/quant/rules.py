@@ -219,7 +219,7 @@ def summarize(params: Params) -> list[dict]:
             label = f"W{q.w_spec.bits}A{q.act_spec.bits if q.act_spec else 16}"
             shape = (q.in_features, q.out_features)
             nb = sum(int(np.prod(a.shape)) * a.dtype.itemsize
-                     for a in (q.qweight, q.w_scale, q.w_zero) if a is not None)
+                     for a in (q.qweight, q.w_scale, q.w_zero, q.lowrank_a, q.lowrank_b, q.smooth) if a is not None)
         else:
             label = "float"
             shape = tuple(layer["kernel"].shape)

@@ -1,0 +1,304 @@
+"""Benchmark the Pallas quantized-linear kernels against XLA on one GPU; JSON out.
+
+Usage (device machine, repo root):  python3 bench/bench_kernels.py --out $OUT/kernels_h100.json
+Per layer shape ``(M, K, N)``: XLA bf16 / int8 / fp8 dots, our W8A8 GEMMs (Mosaic GPU
+wgmma and Pallas-Triton, with and without the rank-32 branch), W4A8 (Triton), the unfused
+XLA composition, the whole quantized linear (quantize kernel + GEMM) vs its XLA
+composition, and the fused quantize kernel's bandwidth.  Device time per call from CUDA
+kernel timestamps (``jax.experimental.mosaic.gpu.profiler.measure``, all kernels of the
+call summed; wall clock with block_until_ready as fallback), median of ``--reps``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import reference as ref
+from pallas_kernels import triton_kernels as tk
+
+try:
+    from pallas_kernels import mosaic_kernels as mk
+except Exception:  # pragma: no cover
+    mk = None
+
+SHAPES = [  # (model, layer, M, K, N)
+    ("DiT-XL/2", "qkv", 512, 1152, 3456), ("DiT-XL/2", "proj", 512, 1152, 1152),
+    ("DiT-XL/2", "fc1", 512, 1152, 4608), ("DiT-XL/2", "fc2", 512, 4608, 1152),
+    ("DiT-XL/2", "qkv", 8192, 1152, 3456), ("DiT-XL/2", "proj", 8192, 1152, 1152),
+    ("DiT-XL/2", "fc1", 8192, 1152, 4608), ("DiT-XL/2", "fc2", 8192, 4608, 1152),
+    ("DiT-XL/2", "adaLN", 2, 1152, 6912),
+    ("PixArt-Sigma-1024", "qkv", 8192, 1152, 3456), ("PixArt-Sigma-1024", "proj", 8192, 1152, 1152),
+    ("PixArt-Sigma-1024", "fc1", 8192, 1152, 4608), ("PixArt-Sigma-1024", "fc2", 8192, 4608, 1152),
+    ("PixArt-Sigma-1024", "cross-kv", 600, 1152, 2304),
+    ("FLUX.1", "qkv", 4608, 3072, 9216), ("FLUX.1", "fc1", 4608, 3072, 12288),
+    ("FLUX.1", "fc2", 4608, 12288, 3072),
+    ("square", "8192^3", 8192, 8192, 8192),
+]
+RANK = 32
+
+
+def make_timer(reps):
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+    except Exception:  # pragma: no cover
+        profiler = None
+
+    def wall(f, *args):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts.append((time.perf_counter() - t) * 1e3)
+        return float(statistics.median(ts)), "wall"
+
+    def timer(f, *args):
+        for _ in range(3):  # compile + warm up
+            jax.block_until_ready(f(*args))
+        if profiler is not None:
+            try:
+                _, ts = profiler.measure(f, iterations=reps)(*args)
+                if ts:
+                    return float(statistics.median(ts)), "cupti"
+            except Exception as e:  # pragma: no cover
+                print("cupti timing failed:", type(e).__name__, str(e)[:200], flush=True)
+        return wall(f, *args)
+    return timer
+
+
+def hbm_bandwidth(timer):
+    x = jnp.ones((256, 1024, 1024), jnp.bfloat16)  # 512 MiB
+    f = jax.jit(lambda a: a * 2)
+    ms, _ = timer(f, x)
+    return 2 * x.size * 2 / (ms * 1e-3)
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name: True):
+    keys = jax.random.split(jax.random.key(m * 7 + k * 3 + n), 8)
+    mp = max(64, -(-m // 128) * 128) if m >= 128 else 64  # our kernels' row padding
+    bm = 128 if mp % 128 == 0 else 64
+    x = jax.random.normal(keys[0], (mp, k), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+    l1 = (jax.random.normal(keys[2], (k, RANK)) / np.sqrt(k)).astype(jnp.bfloat16)
+    l2 = (jax.random.normal(keys[3], (RANK, n)) * 0.1).astype(jnp.bfloat16)
+    bias = jax.random.normal(keys[4], (n,), jnp.float32) * 0.1
+    wf = w.astype(jnp.float32)
+    sw = jnp.maximum(jnp.max(jnp.abs(wf), axis=0, keepdims=True) / 127, 1e-8)
+    wq = jnp.clip(jnp.round(wf / sw), -127, 127).astype(jnp.int8)
+    wt = wq.T
+    xq, sx, xl1 = ref.quantize_act(x, l1=l1)
+    xl1 = xl1.astype(jnp.bfloat16)
+    # W4, group 64
+    g = 64
+    wg = wf.reshape(k // g, g, n)
+    sw4 = jnp.maximum(jnp.max(jnp.abs(wg), axis=1) / 7, 1e-8)
+    w4 = jnp.clip(jnp.round(wg / sw4[:, None, :]), -8, 7).astype(jnp.int8).reshape(k, n)
+    from jaxdq.quant.quantizer import pack_int4
+    w4p = pack_int4(w4)
+    xm = x[:m]
+    xqm = xq[:m]
+    flops = 2.0 * m * k * n
+    f8 = jnp.float8_e4m3fn
+
+    variants = {
+        "xla_bf16": (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (xm, w)),
+        "xla_int8": (jax.jit(lambda a, b: jax.lax.dot_general(
+            a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)), (xqm, wq)),
+        "xla_fp8_e4m3": (jax.jit(lambda a, b: jax.lax.dot_general(
+            a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.bfloat16)),
+            (xm.astype(f8), w.astype(f8))),
+        "unfused_xla_int8_lr32": (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
+            jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+            .astype(jnp.float32) * s1 * s2 + bb + jnp.dot(xa, ll, preferred_element_type=jnp.float32)
+        ).astype(jnp.bfloat16)), (xqm, wq, sx[:m], sw, bias, xl1[:m], l2)),
+        "triton_w8a8": (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
+            a, b, s1, s2, bias=bb, block_m=bm)), (xq, wq, sx, sw, bias)),
+        "triton_w8a8_lr32": (jax.jit(lambda a, b, s1, s2, bb, xa, ll: tk.int_gemm(
+            a, b, s1, s2, bias=bb, xa=xa, l2=ll, block_m=bm)), (xq, wq, sx, sw, bias, xl1, l2)),
+        "triton_w4a8_g64": (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
+            a, b, s1, s2, bias=bb, packed=True, block_m=bm)), (xq, w4p, sx, sw4, bias)),
+    }
+    if mk is not None:
+        variants["mgpu_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm(
+            a, b, s1[:, 0], s2[0], bias=bb, tile_m=bm)), (xq, wt, sx, sw, bias))
+        variants["mgpu_w8a8_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, tile_m=bm)), (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_w8a8_lr32_tn64"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, tile_m=bm, tile_n=64)), (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm_ws(
+            a, b, s1[:, 0], s2[0], bias=bb)), (xq, wt, sx, sw, bias))
+        variants["mgpu_ws_w8a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm_ws(
+            a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, wt, sx, sw, bias))
+        variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm_ws(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll)), (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
+            mk.int8_gemm_ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
+            + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
+            (xq, wt, sx, sw, bias, xl1, l2))
+
+    refs = {}
+    if check:
+        refs["w8"] = ref.int_gemm(xq, wq, sx, sw, bias=bias)
+        refs["w8lr"] = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
+        refs["w4"] = ref.int_gemm(xq, w4p, sx, sw4, bias=bias, packed=True)
+    ref_of = {"triton_w8a8": "w8", "mgpu_w8a8": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
+              "mgpu_w8a8_lr32": "w8lr", "mgpu_w8a8_lr32_tn64": "w8lr", "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8",
+              "mgpu_ws_w8a8_lr32_fused": "w8lr", "triton_w4a8_g64": "w4"}
+    base = None
+    shape = f"{m}x{k}x{n}"
+    for name, (f, args) in variants.items():
+        if not want(name):
+            continue
+        row = {"model": model, "layer": layer, "shape": shape, "M": m, "K": k, "N": n,
+               "variant": name, "M_padded": mp if name.startswith(("triton", "mgpu")) else m}
+        try:
+            ms, how = timer(f, *args)
+            row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)
+            if name == "xla_bf16":
+                base = ms
+            if check and name in ref_of:
+                row["rel_err_vs_ref"] = rel_err(f(*args)[:m], refs[ref_of[name]][:m])
+        except Exception as e:  # record and go on
+            row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
+        if base and "time_ms" in row:
+            row["speedup_vs_xla_bf16"] = base / row["time_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # whole quantized linear: quantize (+ smooth + down-proj) + GEMM (+ up-proj) vs XLA composition
+    smooth = jax.random.uniform(keys[5], (k,), minval=0.5, maxval=2.0)
+    gemm = "mgpu" if mk is not None else "triton"
+
+    def fused(a, s, la, lb, b_, wq_, wt_, sw_):
+        c, s1, xa = tk.quantize_act(a, smooth=s, l1=la, block_m=16)
+        if gemm == "mgpu":  # the path ops.qlinear_apply takes on Hopper
+            y = mk.int8_gemm_ws(c, wt_, s1[:, 0], sw_[0], bias=b_).astype(jnp.float32)
+            return (y + jnp.dot(xa, lb, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+        return tk.int_gemm(c, wq_, s1, sw_, bias=b_, xa=xa, l2=lb, block_m=bm)
+
+    def xla_comp(a, s, la, lb, b_, wq_, wt_, sw_):
+        xt = a.astype(jnp.float32) / s
+        s1 = jnp.maximum(jnp.max(jnp.abs(xt), axis=1, keepdims=True) / 127, 1e-8)
+        c = jnp.clip(jnp.round(xt / s1), -128, 127).astype(jnp.int8)
+        acc = jax.lax.dot_general(c, wq_, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        xa = jnp.dot(xt.astype(jnp.bfloat16), la, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+        return (acc.astype(jnp.float32) * s1 * sw_ + b_
+                + jnp.dot(xa, lb, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+
+    for name, f, a in (("qlinear_fused_kernels_lr32", fused, x), ("qlinear_xla_composition_lr32", xla_comp, xm)):
+        if not want(name):
+            continue
+        row = {"model": model, "layer": layer, "shape": shape, "M": m, "K": k, "N": n, "variant": name,
+               "gemm": ("mgpu_ws+xla_lowrank" if gemm == "mgpu" else gemm) if name.startswith("qlinear_fused") else "xla"}
+        try:
+            ms, how = timer(jax.jit(f), a, smooth, l1, l2, bias, wq, wt, sw)
+            row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)
+            if base:
+                row["speedup_vs_xla_bf16"] = base / ms
+            if check and name.startswith("qlinear_fused"):
+                r0 = ref.qlinear_forward(x, wq, sw, bias=bias, smooth=smooth, l1=l1, l2=l2)
+                row["rel_err_vs_ref"] = rel_err(jax.jit(f)(a, smooth, l1, l2, bias, wq, wt, sw)[:m], r0[:m])
+        except Exception as e:
+            row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # the quantize kernel alone: bytes moved vs measured HBM bandwidth
+    qcfgs = [("2sweep_bm16_w4_s1", dict(block_m=16, num_warps=4, num_stages=1)),
+             ("2sweep_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3))]
+    if k <= 4608:
+        qcfgs.append(("1pass_bm16_w8", dict(block_m=16, num_warps=8, single_pass=True)))
+    for had in (0, 128):
+        for cfg_name, cfg in qcfgs:
+            name = f"quantize_smooth_lr32{'_had128' if had else ''}_{cfg_name}"
+            if not want(name):
+                continue
+            row = {"model": model, "layer": layer, "shape": f"{mp}x{k}", "M": mp, "K": k, "variant": name}
+            try:
+                f = jax.jit(lambda a, s, la: tk.quantize_act(a, smooth=s, l1=la, had_block=had, **cfg))
+                ms, how = timer(f, x, smooth, l1)
+                nbytes = mp * k * 2 + mp * k + mp * 4 + mp * RANK * 2 + k * RANK * 2 + k * 4
+                row.update(time_ms=ms, bytes_moved=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9,
+                           hbm_fraction=nbytes / (ms * 1e-3) / bw, timer=how)
+                if check:
+                    c, s1, xa = f(x, smooth, l1)
+                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth, l1=l1, had_block=had)
+                    d = np.abs(np.asarray(c, np.int32) - np.asarray(c0, np.int32))
+                    row.update(codes_max_abs_diff=int(d.max()), codes_mismatch_frac=float((d > 0).mean()),
+                               scale_rel_err=rel_err(s1, s0), xl1_rel_err=rel_err(xa, xa0))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--only", default="", help="comma-separated indices into SHAPES")
+    p.add_argument("--no-check", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of this script: one tiny shape, Triton kernels interpreted, no Mosaic GPU")
+    p.add_argument("--variants", default="default",
+                   help="comma-separated name prefixes to run; 'default' skips the simple Mosaic GPU "
+                        "kernel (mgpu_w8a8*, AssertionError on jax 0.11.2 in run 1); 'all' runs everything")
+    a = p.parse_args()
+    global SHAPES, mk
+    if a.smoke:
+        import functools as ft
+        SHAPES = [("smoke", "tiny", 128, 256, 256)]
+        a.only = ""
+        mk = None
+        tk.int_gemm = ft.partial(tk.int_gemm, interpret=True)
+        tk.quantize_act = ft.partial(tk.quantize_act, interpret=True)
+    if a.variants == "all":
+        want = lambda name: True
+    elif a.variants == "default":
+        want = lambda name: not name.startswith("mgpu_w8a8")
+    else:
+        prefixes = tuple(a.variants.split(","))
+        want = lambda name: name.startswith(prefixes)
+    timer = make_timer(a.reps)
+    bw = hbm_bandwidth(timer)
+    dev = jax.devices()[0]
+    meta = {"command": " ".join(["python3"] + sys.argv), "jax": jax.__version__,
+            "device": str(dev.device_kind), "hbm_bandwidth_measured_Bps": bw, "rank": RANK,
+            "reps": a.reps, "statistic": "median",
+            "notes": "our kernels pad M up to a multiple of 128 (64 for M<128); time includes the padded rows. "
+                     "mgpu variants take the weight pre-transposed to [N, K] (K-major, required by 8-bit wgmma)."}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    idx = [int(i) for i in a.only.split(",")] if a.only else range(len(SHAPES))
+    for i in idx:
+        bench_shape(*SHAPES[i], timer=timer, bw=bw, rows=rows, check=not a.no_check, want=want)
+        with open(a.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    # summary table
+    print(f"{'shape':>20} {'variant':>30} {'ms':>9} {'TOPS':>7} {'x bf16':>7}")
+    for r in rows:
+        if "time_ms" in r:
+            print(f"{r['shape']:>20} {r['variant']:>30} {r['time_ms']:9.4f} {r.get('tops', 0):7.1f} "
+                  f"{r.get('speedup_vs_xla_bf16', float('nan')):7.2f} {r.get('hbm_fraction', '')}")
+        else:
+            print(f"{r['shape']:>20} {r['variant']:>30} ERROR {r.get('error', '')[:80]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""bf16 float baselines at real sizes (random weights): jitted latency of one sampling step and peak memory.
+
+One model per process (peak memory is per process):
+
+    python bench/bench_models.py --model dit-xl2-256 --out results.jsonl
+
+A step is one network evaluation as the sampler makes it: the CFG-doubled batch
+(class/text conditional + unconditional) for DiT, PixArt and SD, the guidance-
+distilled single batch for FLUX.1-dev, plus the guidance combination.  Reported:
+median of ``--reps`` timed steps after warm-up, compile time, weight bytes and the
+device's peak bytes in use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+BF16 = jnp.bfloat16
+
+
+def random_params(init_fn, key, std=0.02):
+    """bf16 params with the shapes of ``init_fn(key)`` without running the float32 init."""
+    shapes = jax.eval_shape(init_fn, key)
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    gen = jax.jit(lambda k, shape: (std * jax.random.normal(k, shape, jnp.float32)).astype(BF16),
+                  static_argnums=1)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [gen(k, tuple(l.shape)) for k, l in zip(keys, leaves)])
+
+
+def setup(name: str, batch: int):
+    key = jax.random.PRNGKey(0)
+    r = lambda *s: jax.random.normal(jax.random.PRNGKey(len(s)), s, jnp.float32).astype(BF16)  # noqa: E731
+    if name == "dit-xl2-256":
+        from jaxdq.models.dit import DiT, dit_config, init_dit
+
+        cfg = dit_config("DiT-XL/2")
+        params = random_params(lambda k: init_dit(cfg, k), key)
+        m = DiT(cfg)
+        x, y = r(batch, 4, 32, 32), jnp.arange(batch) % 1000
+        lab = jnp.concatenate([y, jnp.full_like(y, 1000)])
+
+        def step(p, x, t):
+            out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), lab)
+            c, u = out[:batch, :4], out[batch:, :4]
+            return u + 4.0 * (c - u)
+        return params, step, x
+    if name == "pixart-sigma-1024":
+        from jaxdq.models.pixart import PixArt, init_pixart, pixart_config
+
+        cfg = pixart_config("PixArt-sigma-1024")
+        params = random_params(lambda k: init_pixart(cfg, k), key)
+        m = PixArt(cfg)
+        x = r(batch, 4, 128, 128)
+        states = jnp.concatenate([r(batch, 300, 4096), jnp.zeros((batch, 300, 4096), BF16)])
+        mask = jnp.ones((2 * batch, 300), jnp.int32)
+
+        def step(p, x, t):
+            out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), states, mask)
+            c, u = out[:batch, :4], out[batch:, :4]
+            return u + 4.5 * (c - u)
+        return params, step, x
+    if name == "sd15-unet-512":
+        from jaxdq.models.unet import UNet, init_unet, unet_config
+
+        cfg = unet_config("sd-1.5")
+        params = random_params(lambda k: init_unet(cfg, k), key)
+        m = UNet(cfg)
+        x = r(batch, 4, 64, 64)
+        states = jnp.concatenate([r(batch, 77, 768), jnp.zeros((batch, 77, 768), BF16)])
+
+        def step(p, x, t):
+            out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), states)
+            c, u = out[:batch], out[batch:]
+            return u + 7.5 * (c - u)
+        return params, step, x
+    if name.startswith("flux1-dev"):
+        from jaxdq.models.flux import Flux, flux_config, image_ids, init_flux, text_ids
+
+        res = int(name.rsplit("-", 1)[1])
+        cfg = flux_config("flux1-dev")
+        params = random_params(lambda k: init_flux(cfg, k), key)
+        m = Flux(cfg)
+        h = res // 8
+        seq = (h // 2) ** 2
+        x = r(batch, seq, 64)
+        txt, pooled = r(batch, 512, 4096), r(batch, 768)
+        ii, ti = jnp.asarray(image_ids(h, h)), jnp.asarray(text_ids(512))
+        g = jnp.full((batch,), 3.5, jnp.float32)
+
+        def step(p, x, t):
+            return m.apply({"params": p}, x, txt, pooled, t.astype(jnp.float32) / 1000, ii, ti, g)
+        return params, step, x
+    raise ValueError(f"unknown model {name}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, default=1, help="images per step (CFG doubles the network batch)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", required=True, help="JSON-lines file to append to")
+    args = ap.parse_args()
+    t0 = time.time()
+    params, step, x = setup(args.model, args.batch)
+    jax.block_until_ready(params)
+    build = time.time() - t0
+    wbytes = int(sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(params)))
+    f = jax.jit(step)
+    t = jnp.full((args.batch,), 500, jnp.int32)
+    t0 = time.time()
+    jax.block_until_ready(f(params, x, t))
+    compile_s = time.time() - t0
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(params, x, t))
+        times.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    row = {"model": args.model, "dtype": "bfloat16", "batch_images": args.batch,
+           "step_ms_median": round(1e3 * float(np.median(times)), 3), "step_ms_min": round(1e3 * min(times), 3),
+           "compile_s": round(compile_s, 1), "weights_build_s": round(build, 1), "weight_bytes": wbytes,
+           "peak_device_bytes": stats.get("peak_bytes_in_use"), "device": str(jax.devices()[0]),
+           "jax": jax.__version__, "reps": args.reps,
+           "command": f"python bench/bench_models.py --model {args.model} --batch {args.batch} --out OUT"}
+    print(json.dumps(row), flush=True)
+    with open(args.out, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

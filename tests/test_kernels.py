@@ -1,0 +1,203 @@
+"""Pallas kernels vs their pure-jnp references (CPU, interpret mode, small shapes).
+
+The Mosaic GPU wgmma kernel cannot run interpreted on CPU: it is checked against the
+same reference on the GPU by bench/bench_kernels.py (``rel_err_vs_ref`` per row); here
+it is only lowered to Mosaic GPU IR for the CUDA platform, which runs its layout,
+swizzle and shared-memory checks.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdq.quant.hadamard import block_hadamard as lead_block_hadamard
+from jaxdq.quant.qlinear import QLinear
+from jaxdq.quant.quantizer import QuantSpec, pack_int4, quantize_weight, unpack_int4
+from pallas_kernels import ops
+from pallas_kernels import reference as ref
+from pallas_kernels import triton_kernels as tk
+
+M, K, N, R = 32, 128, 64, 16
+
+
+def _keys(seed, n):
+    return jax.random.split(jax.random.key(seed), n)
+
+
+def _f32(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def test_block_hadamard_reference_matches_float64_and_lead():
+    x = np.random.default_rng(0).standard_normal((3, 5, 96))
+    for block in (1, 2, 32):
+        h = ref.hadamard_matrix(block)
+        want = (x.reshape(3, 5, 96 // block, block) @ h).reshape(x.shape)
+        got = _f32(ref.block_hadamard(jnp.asarray(x, jnp.float32), block))
+        assert np.abs(got - want).max() < 1e-5
+        lead = _f32(lead_block_hadamard(jnp.asarray(x, jnp.float32), block))
+        assert np.abs(got - lead).max() < 1e-5
+    h8 = ref.hadamard_matrix(8)
+    assert np.allclose(h8 @ h8.T, np.eye(8)) and set(np.unique(h8 * math.sqrt(8))) == {-1.0, 1.0}
+
+
+def test_unpack_int4_reference_matches_quantizer():
+    codes = jax.random.randint(jax.random.key(1), (16, 32), -8, 8).astype(jnp.int8)
+    p = pack_int4(codes)
+    assert np.array_equal(np.asarray(ref.unpack_int4(p)), np.asarray(codes))
+    assert np.array_equal(np.asarray(ref.unpack_int4(p)), np.asarray(unpack_int4(p, signed=True)))
+
+
+@pytest.mark.parametrize("bits,had,single", [(8, 0, False), (8, 64, False), (4, 0, False), (8, 64, True)])
+def test_quantize_kernel_vs_reference(bits, had, single):
+    k = _keys(2 + had + bits, 3)
+    x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
+    smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
+    l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
+    q, s, xl1 = tk.quantize_act(x, bits=bits, smooth=smooth, had_block=had, l1=l1, single_pass=single,
+                                interpret=True)
+    q0, s0, xl10 = ref.quantize_act(x, bits=bits, smooth=smooth, had_block=had, l1=l1)
+    assert q.dtype == jnp.int8 and q.shape == (M, K) and s.shape == (M, 1) and xl1.shape == (M, R)
+    d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
+    qmax = 2 ** (bits - 1) - 1
+    assert np.asarray(q).min() >= -qmax - 1 and np.asarray(q).max() <= qmax
+    if had:  # Hadamard on a bf16 hi/lo split (~2^-16 relative): a code may flip at a .5 tie
+        assert d.max() <= 1 and (d > 0).mean() < 2e-3
+        assert np.abs(_f32(s) - _f32(s0)).max() / np.abs(_f32(s0)).max() < 1e-4
+    else:
+        assert d.max() == 0
+        assert np.array_equal(np.asarray(s), np.asarray(s0))
+    err = np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max()
+    assert err < 1.5e-2  # bf16 operands, f32 accumulation
+
+
+def _gemm_inputs(seed, packed=False, group=None):
+    k = _keys(seed, 9)
+    xq = jax.random.randint(k[0], (M, K), -128, 128).astype(jnp.int8)
+    sx = jax.random.uniform(k[1], (M, 1), minval=1e-3, maxval=2e-2)
+    if packed:
+        w = jax.random.randint(k[2], (K, N), -8, 8).astype(jnp.int8)
+        wq = pack_int4(w)
+    else:
+        wq = jax.random.randint(k[2], (K, N), -128, 128).astype(jnp.int8)
+    rows = K // group if group else 1
+    sw = jax.random.uniform(k[3], (rows, N), minval=1e-3, maxval=2e-2)
+    bias = jax.random.normal(k[4], (N,))
+    xa = jax.random.normal(k[5], (M, R)).astype(jnp.bfloat16)
+    l2 = (jax.random.normal(k[6], (R, N)) * 0.3).astype(jnp.bfloat16)
+    gate = jax.random.normal(k[7], (2, N)).astype(jnp.bfloat16)
+    res = jax.random.normal(k[8], (M, N)).astype(jnp.bfloat16)
+    return xq, wq, sx, sw, bias, xa, l2, gate, res
+
+
+def _close_bf16(got, want):
+    got, want = _f32(got), _f32(want)
+    assert got.shape == want.shape and np.isfinite(got).all()
+    # both round the same float32 value to bf16: at most one bf16 ulp apart
+    assert np.all(np.abs(got - want) <= 2 ** -7 * np.abs(want) + 1e-6)
+
+
+@pytest.mark.parametrize("epi", ["plain", "full"])
+def test_int8_gemm_kernel_vs_reference(epi):
+    xq, wq, sx, sw, bias, xa, l2, gate, res = _gemm_inputs(10)
+    kw = dict(bias=bias, xa=xa, l2=l2, gate=gate, residual=res) if epi == "full" else {}
+    got = tk.int_gemm(xq, wq, sx, sw, block_m=16, block_n=32, interpret=True, **kw)
+    want = ref.int_gemm(xq, wq, sx, sw, **kw)
+    assert got.dtype == jnp.bfloat16
+    _close_bf16(got, want)
+    # the integer part is exact: compare with a float64 NumPy product
+    if epi == "plain":
+        acc = np.asarray(xq, np.int64) @ np.asarray(wq, np.int64)
+        want64 = acc * np.asarray(sx, np.float64) * np.asarray(sw, np.float64)
+        assert np.abs(_f32(got) - want64).max() <= 2 ** -7 * np.abs(want64).max()
+
+
+@pytest.mark.parametrize("group", [None, 64, 32])
+def test_w4_packed_gemm_kernel_vs_reference(group):
+    xq, wq, sx, sw, bias, xa, l2, _, _ = _gemm_inputs(20 + (group or 0), packed=True, group=group)
+    xq = jnp.clip(xq, -8, 7)  # W4A4: 4-bit activation codes carried in int8
+    got = tk.int_gemm(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True, block_m=16, block_n=32,
+                      interpret=True)
+    want = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True)
+    _close_bf16(got, want)
+
+
+def test_mosaic_gemm_lowers_for_cuda():
+    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    S = jax.ShapeDtypeStruct
+    f = lambda x, w, sx, sw, b, xa, l2: mk.int8_gemm(x, w, sx, sw, bias=b, xa=xa, l2=l2)
+    txt = jax.jit(f).trace(S((256, 256), jnp.int8), S((128, 256), jnp.int8), S((256,), jnp.float32),
+                           S((128,), jnp.float32), S((128,), jnp.float32), S((256, 32), jnp.bfloat16),
+                           S((32, 128), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in txt
+
+
+def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True):
+    k = _keys(seed, 6)
+    w = jax.random.normal(k[0], (K, N)) / math.sqrt(K)
+    codes, s, _ = quantize_weight(w, w_spec)
+    qw = pack_int4(codes) if packed else codes
+    return QLinear(
+        qweight=qw, w_scale=s, bias=jax.random.normal(k[1], (N,)) * 0.1 if bias else None,
+        smooth=jax.random.uniform(k[2], (K,), minval=0.5, maxval=2.0) if smooth else None,
+        lowrank_a=jax.random.normal(k[3], (K, R)) / math.sqrt(K) if lowrank else None,
+        lowrank_b=jax.random.normal(k[4], (R, N)) * 0.1 if lowrank else None,
+        w_spec=w_spec, act_spec=QuantSpec(bits=bits, granularity="token"), packed=packed, impl="int",
+        had_block=had)
+
+
+@pytest.mark.parametrize("case", ["w8a8", "w8a8_had", "w4a8_group", "w4a4_channel"])
+def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
+    """The kernel composition qlinear_apply runs on a GPU, forced onto the interpret path."""
+    cfg = {"w8a8": dict(w_spec=QuantSpec(8, granularity="channel")),
+           "w8a8_had": dict(w_spec=QuantSpec(8, granularity="channel"), had=32),
+           "w4a8_group": dict(w_spec=QuantSpec(4, granularity="group", group_size=64), packed=True),
+           "w4a4_channel": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True, bits=4)}[case]
+    q = _qlinear(30, **cfg)
+    x = jax.random.normal(jax.random.key(31), (2, 16, K)).astype(jnp.bfloat16)
+    want = q.replace(impl="fake")(x.astype(jnp.float32))
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "GEMM_BACKEND", "triton")
+    orig_q, orig_g = tk.quantize_act, tk.int_gemm
+    monkeypatch.setattr(tk, "quantize_act", lambda *a, **kw: orig_q(*a, **{**kw, "interpret": True}))
+    monkeypatch.setattr(tk, "int_gemm", lambda *a, **kw: orig_g(*a, **{**kw, "interpret": True, "block_n": 32}))
+    # K=128 fails kernel_supported's K % 128 only if changed; N=64 < 128: relax for the test
+    monkeypatch.setattr(ops, "kernel_supported", lambda q_: True)
+    got = ops.qlinear_apply(q, x)
+    assert got.shape == (2, 16, N) and got.dtype == jnp.bfloat16
+    g, w_ = _f32(got), _f32(want)
+    rel = np.linalg.norm(g - w_) / np.linalg.norm(w_)
+    # differences: bf16 output rounding and the bf16 low-rank branch; rare ±1 code flips with Hadamard
+    assert rel < (2e-2 if cfg.get("had") else 1e-2), rel
+
+
+def test_qlinear_apply_off_gpu_is_the_reference():
+    q = _qlinear(40, w_spec=QuantSpec(8, granularity="channel"))
+    x = jax.random.normal(jax.random.key(41), (4, K))
+    got = jax.jit(ops.qlinear_apply)(q, x)
+    want = jax.jit(lambda q_, x_: q_.replace(impl="int")(x_))(q, x)
+    assert not ops.on_gpu()
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_supported_rules():
+    q = _qlinear(50, w_spec=QuantSpec(8, granularity="channel"))
+    assert not ops.kernel_supported(q)  # N = 64 is not a multiple of 128
+    q2 = q.replace(qweight=jnp.zeros((K, 128), jnp.int8), w_scale=jnp.ones((1, 128)),
+                   bias=None, lowrank_b=None, lowrank_a=None)
+    assert ops.kernel_supported(q2)
+    assert not ops.kernel_supported(q2.replace(act_spec=QuantSpec(8, symmetric=False, granularity="token")))
+    assert not ops.kernel_supported(q2.replace(act_spec=None))
+
+
+def test_mosaic_ws_gemm_lowers_for_cuda():
+    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    S = jax.ShapeDtypeStruct
+    for n in (512, 384):  # warpgroups split along N, and along M when N % 256 != 0
+        f = lambda x, w, sx, sw, b: mk.int8_gemm_ws(x, w, sx, sw, bias=b)
+        txt = jax.jit(f).trace(S((256, 256), jnp.int8), S((n, 256), jnp.int8), S((256,), jnp.float32),
+                               S((n,), jnp.float32), S((n,), jnp.float32)).lower(
+                                   lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in txt
