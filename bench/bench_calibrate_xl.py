@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--methods", default="vidit-q-w8a8,vidit-q-w4a8,naive-w8a8,qdiffusion-w8a8,smoothquant-w8a8,"
                                          "quarot-w8a8,vidit-q-mp")
+    ap.add_argument("--mp-steps", type=int, default=3, help="mixed precision: calibration steps per segment")
+    ap.add_argument("--mp-samples", type=int, default=16, help="mixed precision: samples per step")
     args = ap.parse_args()
     cfg = dit_config(args.config)
     params = init_dit(cfg, jax.random.PRNGKey(0))
@@ -60,9 +62,12 @@ def main():
                            "stats_bytes": int(sum(np.asarray(a).nbytes for a in jax.tree_util.tree_leaves(
                                {k: calib[k] for k in ("cond", "uncond")})))}
     print(json.dumps(rows["calibration"]), flush=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
     for m in args.methods.split(","):
         t0 = time.time()
-        q = quantize_model(model, m, calib=calib, progress=False)
+        kw = {"steps_per_segment": args.mp_steps, "max_samples": args.mp_samples} if m == "vidit-q-mp" else {}
+        q = quantize_model(model, m, calib=calib, progress=False, **kw)
         jax.block_until_ready(jax.tree_util.tree_leaves(q.params))
         r = {"method": m, "seconds": round(time.time() - t0, 1), "peak_device_bytes": peak_bytes(),
              "weight_bytes": weight_bytes(q.params)}
@@ -70,8 +75,8 @@ def main():
         print(json.dumps(r), flush=True)
         rows["results"].append(r)
         del q
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
+        with open(args.out, "w") as f:  # after every method: a killed run keeps what it measured
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

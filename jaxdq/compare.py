@@ -28,7 +28,7 @@ import numpy as np
 
 DEFAULT_METHODS = ("naive-w8a8", "qdiffusion-w8a8", "smoothquant-w8a8", "quarot-w8a8", "vidit-q-w8a8",
                    "naive-w4a8", "qdiffusion-w4a8", "smoothquant-w4a8", "quarot-w4a8", "vidit-q-w4a8",
-                   "vidit-q-mp")
+                   "vidit-q-mp", "vidit-q-mp-static", "svdquant-w8a8", "svdquant-w4a8", "svdquant")
 
 
 def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_METHODS, *,
@@ -66,7 +66,7 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     if any(needs_calibration(m) for m in methods):
         _log("calibrating on the float model's own trajectories")
         calib = calibrate(model, classes=classes, per_class=calib_per_class, seed=seed + 1000, solver=solver,
-                          num_steps=num_steps, cfg_scale=cfg_scale, keep_inputs="vidit-q-mp" in methods,
+                          num_steps=num_steps, cfg_scale=cfg_scale, keep_inputs=any(m.startswith("vidit-q-mp") for m in methods),
                           samples=any(m.startswith("svdquant") for m in methods), progress=progress)
     real_feats = None
     if is_digits and extractor is not None:

@@ -163,14 +163,15 @@ def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, pr
         raise ValueError(f"model is already quantized ({model.metadata['method']}); give a float model")
     if calib is None and needs_calibration(method):
         calib = calibrate(model, classes=list(range(model.config.num_classes))[:10], per_class=calib_per_class,
-                          samples=method.startswith("svdquant"), keep_inputs=method == "vidit-q-mp",
+                          samples=method.startswith("svdquant"), keep_inputs=method.startswith("vidit-q-mp"),
                           progress=progress)
     if model.arch != "dit":
         from jaxdq.models.registry import get_arch
 
         kwargs.setdefault("keep_float", get_arch(model.arch).keep_float)
     meta = dict(model.metadata, method=method, bits=method_bits(method))
-    if method == "vidit-q-mp":
+    if method.startswith("vidit-q-mp"):
+        kwargs.setdefault("per_segment", method == "vidit-q-mp")
         params, report = mixed_precision_params(model, calib, progress=progress, **kwargs)
         meta["mixed_precision"] = report
     else:
@@ -180,7 +181,8 @@ def quantize_model(model: LoadedModel, method: str, calib_per_class: int = 4, pr
 
 def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: float = 6.0, num_segments: int = 4,
                            low: int = 4, high: int = 8, act_bits: int = 8, steps_per_segment: int = 3,
-                           max_samples: int = 16, progress: bool = False) -> tuple[dict, dict]:
+                           max_samples: int = 16, per_segment: bool = True,
+                           progress: bool = False) -> tuple[dict, dict]:
     """ViDiT-Q W{low}/{high}A{act_bits} with metric-decoupled timestep-segment mixed precision.
 
     Channel balancing as in :func:`jaxdq.quant.recipes.vidit_q`; then, per segment of
@@ -241,24 +243,34 @@ def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: floa
         ec, eu = jax.vmap(one)(x, t)
         return mp.output_metrics(ec, eu, ref_c, ref_u)
 
-    float_apply = jax.jit(lambda x, t: jax.vmap(lambda xk, tk: (
-        module.apply({"params": model.params}, xk, jnp.full((n,), tk, jnp.int32), y_all[idx])[:, :model.config.in_channels],
-        module.apply({"params": model.params}, xk, jnp.full((n,), tk, jnp.int32),
-                     jnp.full((n,), null, jnp.int32))[:, :model.config.in_channels]))(x, t))
-    promoted, report = [], {"budget_bits": budget_bits, "low": low, "high": high, "segments": []}
+    @jax.jit
+    def float_apply(params, x, t):  # params as an argument: closing over them would embed them as constants
+        c = model.config.in_channels
+        return jax.vmap(lambda xk, tk: (
+            module.apply({"params": params}, xk, jnp.full((n,), tk, jnp.int32), y_all[idx])[:, :c],
+            module.apply({"params": params}, xk, jnp.full((n,), tk, jnp.int32), jnp.full((n,), null, jnp.int32))[:, :c]
+        ))(x, t)
+    promoted, seg_sens = [], []
+    report = {"budget_bits": budget_bits, "low": low, "high": high, "segments": [], "per_segment": per_segment}
     for k in range(num_segments):
         lo_i, hi_i = round(k * S / num_segments), round((k + 1) * S / num_segments)
         steps = np.linspace(lo_i, hi_i - 1, min(steps_per_segment, hi_i - lo_i)).round().astype(int)
         x = x_all[steps][:, idx]
         t = jnp.asarray(ts[steps], jnp.int32)
-        ref_c, ref_u = float_apply(x, t)
+        ref_c, ref_u = float_apply(model.params, x, t)
         ev = lambda params: eval_fn(params, x, t, ref_c, ref_u)
         sens = mp.layer_sensitivities(ev, base, {p: swap(p) for p in paths}, progress=progress)
+        seg_sens.append(sens)
         chosen, acct = mp.allocate(sizes, metrics, sens, budget_bits, low, high)
         promoted.append(chosen)
         report["segments"].append({"steps": [int(lo_i), int(hi_i)], "promoted": sorted(chosen),
                                    "avg_bits": acct["used"] / sum(sizes.values()),
                                    "sensitivity": {p: sens[p] for p in paths}})
+    if not per_segment:
+        total = {p: {k: sum(s[p][k] for s in seg_sens) for k in seg_sens[0][p]} for p in paths}
+        chosen, acct = mp.allocate(sizes, metrics, total, budget_bits, low, high)
+        promoted = [chosen] * num_segments
+        report["static"] = {"promoted": sorted(chosen), "avg_bits": acct["used"] / sum(sizes.values())}
 
     cfg_lo, cfg_hi = dynamic_cfg(low, act_bits), dynamic_cfg(high, act_bits)
 

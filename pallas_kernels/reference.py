@@ -7,7 +7,6 @@ float outputs to bf16 rounding.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import jax
@@ -16,15 +15,7 @@ import numpy as np
 
 _TINY = 1e-8  # scale floor, as jaxdq.quant.quantizer
 
-
-def hadamard_matrix(n: int) -> np.ndarray:
-    """Normalized Sylvester Hadamard ``H_n / sqrt(n)``, float64 ``[n, n]`` (n a power of two)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / math.sqrt(n)
+from jaxdq.quant.hadamard import hadamard_matrix  # noqa: E402  (float64 numpy; shared with the transform)
 
 
 def block_hadamard(x: jax.Array, block: int) -> jax.Array:

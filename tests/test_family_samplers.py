@@ -78,20 +78,20 @@ def test_sd_ddpm_latte_flux_samplers_run_jitted():
                     cross_attention_dim=16, num_attention_heads=(4, 4), transformer_layers_per_block=(1, 1))
     p = _randomize(init_unet(sd, key))
     st = jax.random.normal(key, (2, 5, 16))
-    z = sd_sampler(sd, num_steps=4)(p, jax.random.normal(key, (2, 4, 8, 8)), st, jnp.zeros_like(st), key)
+    z = sd_sampler(sd, num_steps=2)(p, jax.random.normal(key, (2, 4, 8, 8)), st, jnp.zeros_like(st), key)
     assert z.shape == (2, 4, 8, 8) and np.isfinite(np.asarray(z)).all()
 
     dd = UNetConfig(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
                     down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
                     layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
-    x = ddpm_unet_sampler(dd, num_steps=4)(_randomize(init_unet(dd, key)), jax.random.normal(key, (1, 3, 8, 8)), key)
+    x = ddpm_unet_sampler(dd, num_steps=2)(_randomize(init_unet(dd, key)), jax.random.normal(key, (1, 3, 8, 8)), key)
     assert np.isfinite(np.asarray(x)).all()
 
     lc = LatteConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=8, hidden_size=32, depth=2,
                      num_heads=2, caption_channels=16, video_length=3)
     lp = _randomize(init_latte(lc, key, frames=3))
     s = jax.random.normal(key, (1, 4, 16))
-    v = latte_sampler(lc, num_steps=3)(lp, jax.random.normal(key, (1, 4, 3, 8, 8)), s, jnp.ones((1, 4)),
+    v = latte_sampler(lc, num_steps=2)(lp, jax.random.normal(key, (1, 4, 3, 8, 8)), s, jnp.ones((1, 4)),
                                        jnp.zeros_like(s), jnp.ones((1, 4)), key)
     assert v.shape == (1, 4, 3, 8, 8) and np.isfinite(np.asarray(v)).all()
 
@@ -99,7 +99,7 @@ def test_sd_ddpm_latte_flux_samplers_run_jitted():
                     num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=8, guidance_embeds=True,
                     axes_dims_rope=(4, 6, 6))
     fp = _randomize(init_flux(fc, key))
-    lat = flux_sampler(fc, height=8, width=8, num_steps=4)(fp, jax.random.normal(key, (1, 4, 8, 8)),
+    lat = flux_sampler(fc, height=8, width=8, num_steps=2)(fp, jax.random.normal(key, (1, 4, 8, 8)),
                                                          jax.random.normal(key, (1, 6, 24)),
                                                          jax.random.normal(key, (1, 8)))
     assert lat.shape == (1, 4, 8, 8) and np.isfinite(np.asarray(lat)).all()

@@ -151,3 +151,19 @@ def test_mixed_precision_and_per_timestep_checkpoints_round_trip(model, calib, t
         a = np.asarray(run(m.params, x_T, y, jax.random.PRNGKey(0)))
         b = np.asarray(run(back.params, x_T, y, jax.random.PRNGKey(0)))
         np.testing.assert_array_equal(a, b)
+
+
+def test_static_mixed_precision_has_one_width_per_layer_within_budget(model, calib):
+    from jaxdq.quant.rules import iter_linears
+
+    m = quantize_model(model, "vidit-q-mp-static", calib=calib, progress=False, budget_bits=5.0,
+                       steps_per_segment=1, max_samples=4)
+    assert not any(isinstance(v, Segmented) for v in jax.tree_util.tree_leaves(
+        m.params, is_leaf=lambda n: isinstance(n, Segmented)))
+    rep = m.metadata["mixed_precision"]["static"]
+    sizes = {p: l["qlinear"].in_features * l["qlinear"].out_features for p, l in iter_linears(m.params)
+             if "qlinear" in l}
+    bits = {p: get_path(m.params, p)["qlinear"].w_spec.bits for p in sizes}
+    avg = sum(bits[p] * sizes[p] for p in sizes) / sum(sizes.values())
+    assert avg == pytest.approx(rep["avg_bits"]) and avg <= 5.0 and set(bits.values()) == {4, 8}
+    assert sorted(p for p in sizes if bits[p] == 8) == rep["promoted"]

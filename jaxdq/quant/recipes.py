@@ -22,7 +22,11 @@ Families (``quantize_method("<family>-w<b>a<b>", ...)``):
 ``vidit-q``    ViDiT-Q: fine-grained grouping, dynamic per-token activations,
                static-dynamic channel balancing (smoothing α then Hadamard)
 ``vidit-q-mp`` ViDiT-Q + metric-decoupled timestep-segment mixed precision
-               (weights 4/8 bit, see :mod:`jaxdq.quant.mixed_precision`)
+               (weights 4/8 bit per segment, see :mod:`jaxdq.quant.mixed_precision`);
+               layers whose bits change between segments store both variants
+``vidit-q-mp-static`` the same allocation made once for all timesteps
+               (sensitivities summed over segments): one variant per layer,
+               so the budget is also the memory
 =============  ==============================================================
 """
 from __future__ import annotations
@@ -187,8 +191,10 @@ FAMILIES = {
     "dynamic": "per-channel weights, dynamic per-token activations",
     "vidit-q": "ViDiT-Q: smoothing + Hadamard, per-channel weights, dynamic per-token activations",
     "vidit-q-mp": "ViDiT-Q + metric-decoupled timestep-segment mixed precision (W4/W8, A8)",
+    "vidit-q-mp-static": "ViDiT-Q + metric-decoupled mixed precision, one allocation for all timesteps (W4/W8, A8)",
 }
-CALIBRATED = {"naive", "qdiffusion", "smoothquant", "vidit-q", "vidit-q-mp", "svdquant"}
+MIXED = ("vidit-q-mp", "vidit-q-mp-static")
+CALIBRATED = {"naive", "qdiffusion", "smoothquant", "vidit-q", "vidit-q-mp", "vidit-q-mp-static", "svdquant"}
 
 # Legacy short names.
 METHODS = {
@@ -198,8 +204,8 @@ METHODS = {
     "w8a16": "weight-only 8-bit, per-channel",
     "w4a16": "weight-only 4-bit, per-group 64, packed",
 }
-METHODS.update({f"{f}-w{w}a8": f"W{w}A8 {d}" for f, d in FAMILIES.items() if f != "vidit-q-mp" for w in (8, 4)})
-METHODS["vidit-q-mp"] = "W4/8 A8 " + FAMILIES["vidit-q-mp"]
+METHODS.update({f"{f}-w{w}a8": f"W{w}A8 {d}" for f, d in FAMILIES.items() if f not in MIXED for w in (8, 4)})
+METHODS.update({f: "W4/8 A8 " + FAMILIES[f] for f in MIXED})
 
 METHODS["svdquant"] = ("SVDQuant W4A4: smoothing (α searched) + rank-32 fp16 low-rank + INT4 group-64 weights, "
                        "dynamic 4-bit group-64 activations")
@@ -213,10 +219,10 @@ _ALIASES = {"w8a8": "dynamic-w8a8", "w4a8": "dynamic-w4a8", "naive": "naive-w8a8
 def parse_method(method: str) -> tuple[str, int, int]:
     """``"vidit-q-w4a8"`` → ``("vidit-q", 4, 8)``; legacy names resolve through aliases."""
     name = _ALIASES.get(method, method)
-    if name == "vidit-q-mp":
+    if name in MIXED:
         return name, 4, 8
     m = re.fullmatch(r"(.+)-w(\d+)a(\d+)", name)
-    if not m or m.group(1) not in FAMILIES or m.group(1) == "vidit-q-mp":
+    if not m or m.group(1) not in FAMILIES or m.group(1) in MIXED:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return m.group(1), int(m.group(2)), int(m.group(3))
 
@@ -228,7 +234,7 @@ def method_bits(method: str) -> str:
     if method in _SVDQ:
         return "W%dA%d" % _SVDQ[method]
     fam, w, a = parse_method(method)
-    return "W4/8A8" if fam == "vidit-q-mp" else f"W{w}A{a}"
+    return "W4/8A8" if fam in MIXED else f"W{w}A{a}"
 
 
 def needs_calibration(method: str) -> bool:

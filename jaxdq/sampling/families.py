@@ -49,12 +49,10 @@ def text_cfg_model_fn(apply_fn: Callable[..., jax.Array], cond: tuple, uncond: t
     return model_fn
 
 
-def pixart_sampler(config, *, solver: str = "dpm++2m", num_steps: int = 20, cfg_scale: float = 4.5,
-                   progress: bool = False):
-    """``f(params, x_T [B,4,H,W], states [B,L,D], mask [B,L], null_states, null_mask, key) -> x_0``."""
-    from jaxdq.models.pixart import PixArt
-
-    module, schedule = PixArt(config), linear_schedule()
+def _text_transformer_sampler(module, solver: str, num_steps: int, cfg_scale: float, progress: bool):
+    """Shared by PixArt and Latte: ``f(params, x_T, states, mask, null_states, null_mask, key)``
+    over the linear β schedule, ε on the first ``x_T.shape[1]`` output channels."""
+    schedule = linear_schedule()
 
     @jax.jit
     def run(params, x_T, states, mask, null_states, null_mask, key):
@@ -63,6 +61,14 @@ def pixart_sampler(config, *, solver: str = "dpm++2m", num_steps: int = 20, cfg_
         return sample(fn, x_T, key, schedule=schedule, solver=solver, num_steps=num_steps, progress=progress)
 
     return run
+
+
+def pixart_sampler(config, *, solver: str = "dpm++2m", num_steps: int = 20, cfg_scale: float = 4.5,
+                   progress: bool = False):
+    """``f(params, x_T [B,4,H,W], states [B,L,D], mask [B,L], null_states, null_mask, key) -> x_0``."""
+    from jaxdq.models.pixart import PixArt
+
+    return _text_transformer_sampler(PixArt(config), solver, num_steps, cfg_scale, progress)
 
 
 def sd_sampler(config, *, solver: str = "ddim", num_steps: int = 50, cfg_scale: float = 7.5,
@@ -101,15 +107,7 @@ def latte_sampler(config, *, solver: str = "ddim", num_steps: int = 50, cfg_scal
     """``f(params, x_T [B,4,F,H,W], states, mask, null_states, null_mask, key) -> x_0``."""
     from jaxdq.models.latte import Latte
 
-    module, schedule = Latte(config), linear_schedule()
-
-    @jax.jit
-    def run(params, x_T, states, mask, null_states, null_mask, key):
-        apply = timestep_aware(lambda p, x, t, s, m: module.apply({"params": p}, x, t, s, m), params)
-        fn = text_cfg_model_fn(apply, (states, mask), (null_states, null_mask), cfg_scale, x_T.shape[1])
-        return sample(fn, x_T, key, schedule=schedule, solver=solver, num_steps=num_steps, progress=progress)
-
-    return run
+    return _text_transformer_sampler(Latte(config), solver, num_steps, cfg_scale, progress)
 
 
 def flux_sampler(config, *, height: int, width: int, num_steps: int = 28, guidance: Optional[float] = 3.5,
