@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Optional, Union
 
 import jax.numpy as jnp
@@ -278,12 +278,30 @@ def convert_dit(state_dict: Mapping[str, np.ndarray],
     if buffer in sd:
         other += _check_pos_embed(sd[buffer], buffer, cfg, expected)
 
-    missing = [k for k in expected if k not in sd]
-    mismatched = [(k, s, sd[k].shape) for k, s in expected.items() if k in sd and tuple(sd[k].shape) != tuple(s)]
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected or mismatched or other:
-        raise ConversionError(missing, unexpected, mismatched, other, layout=layout)
+    built = {k for e in entries for k in e.sources}
+    return cfg, build_params(sd, entries, layout, other=other,
+                             required={k: s for k, s in expected.items() if k not in built})
 
+
+def build_params(sd: Mapping[str, np.ndarray], entries: Sequence[_Entry], tag: str,
+                 optional: Optional[Mapping[str, tuple]] = None, other: Sequence[str] = (),
+                 required: Optional[Mapping[str, tuple]] = None) -> dict:
+    """Check ``sd`` against ``entries`` (plus ``required`` keys that are checked but not
+    converted, and ``optional`` keys: accepted if present and of that shape) and build the
+    nested float32 params dict.  Shared by every converter.
+
+    Raises:
+      ConversionError: naming every missing, unexpected and mis-shaped key (and ``other`` problems).
+    """
+    expected = {k: s for e in entries for k, s in zip(e.sources, e.shapes)}
+    expected.update(required or {})
+    allowed = {**expected, **{k: s for k, s in (optional or {}).items() if k in sd}}
+    missing = [k for k in expected if k not in sd]
+    mismatched = [(k, s, tuple(sd[k].shape)) for k, s in allowed.items()
+                  if k in sd and tuple(sd[k].shape) != tuple(s)]
+    unexpected = sorted(set(sd) - set(allowed))
+    if missing or unexpected or mismatched or other:
+        raise ConversionError(missing, unexpected, mismatched, other, layout=tag)
     params: dict = {}
     for e in entries:
         node = params
@@ -291,7 +309,7 @@ def convert_dit(state_dict: Mapping[str, np.ndarray],
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = jnp.asarray(e.fn(*(sd[k] for k in e.sources)), jnp.float32)
-    return cfg, params
+    return params
 
 
 def _check_pos_embed(buf: np.ndarray, key: str, cfg: DiTConfig, expected: dict) -> list[str]:

@@ -17,9 +17,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from converters.dit import ConversionError, _depth, _patch_embed
+from converters.dit import ConversionError, _depth, _patch_embed, build_params
 from converters.pixart import (_DIFFUSERS_NAMES, PIXART_HEAD_DIM, adaln_caption_entries, block_entries,
-                               build_params, final_entries, resolve_config)
+                               final_entries, resolve_config)
 from jaxdq.models.latte import LatteConfig, latte_config
 
 TAG = "Latte diffusers"

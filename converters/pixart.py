@@ -28,10 +28,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Optional, Union
 
-import jax.numpy as jnp
 import numpy as np
 
-from converters.dit import ConversionError, _depth, _Entry, _identity, _linear, _patch_embed
+from converters.dit import ConversionError, _depth, _Entry, _identity, _linear, _patch_embed, build_params
 from jaxdq.models.dit import FREQ_EMBED_DIM
 from jaxdq.models.pixart import PixArtConfig, _default_scale, pixart_config, pos_embed_2d_scaled
 
@@ -193,32 +192,6 @@ def resolve_config(config, sd, layout: str, infer, named, from_diffusers, config
         except (ValueError, TypeError) as err:
             raise ConversionError(other=[str(err)], layout=tag) from None
     return infer()
-
-
-def build_params(sd: Mapping[str, np.ndarray], entries: Sequence[_Entry], tag: str,
-                 optional: Optional[Mapping[str, tuple]] = None, other: Sequence[str] = ()) -> dict:
-    """Check ``sd`` against ``entries`` (plus ``optional`` keys: accepted if present and of that
-    shape) and build the nested float32 params dict.
-
-    Raises:
-      ConversionError: naming every missing, unexpected and mis-shaped key (and ``other`` problems).
-    """
-    expected = {k: s for e in entries for k, s in zip(e.sources, e.shapes)}
-    allowed = {**expected, **{k: s for k, s in (optional or {}).items() if k in sd}}
-    missing = [k for k in expected if k not in sd]
-    mismatched = [(k, s, tuple(sd[k].shape)) for k, s in allowed.items()
-                  if k in sd and tuple(sd[k].shape) != tuple(s)]
-    unexpected = sorted(set(sd) - set(allowed))
-    if missing or unexpected or mismatched or other:
-        raise ConversionError(missing, unexpected, mismatched, other, layout=tag)
-    params: dict = {}
-    for e in entries:
-        node = params
-        *parents, leaf = e.target.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = jnp.asarray(e.fn(*(sd[k] for k in e.sources)), jnp.float32)
-    return params
 
 
 def convert_pixart(state_dict: Mapping[str, np.ndarray],

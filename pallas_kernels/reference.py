@@ -11,7 +11,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _TINY = 1e-8  # scale floor, as jaxdq.quant.quantizer
 

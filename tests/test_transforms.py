@@ -1,5 +1,4 @@
 """Defining properties of the float-equivalent transforms: smoothing and Hadamard rotation."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,6 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="UNet parity tests need PyTorch")
 diffusers = pytest.importorskip("diffusers", reason="UNet parity tests need diffusers")
+from _torch_init import randomize_  # noqa: E402
 
 from converters.dit import ConversionError  # noqa: E402
 from converters.unet import convert_unet, expected_keys  # noqa: E402
@@ -23,21 +24,6 @@ from jaxdq.nn import Linear  # noqa: E402
 TOL = 1e-4
 SIZE, TOKENS, CROSS = 16, 8, 32
 TIMESTEPS = [3, 250, 640, 999]  # one per sample of the batch of 4
-
-
-def randomize_(model, seed: int):
-    """Re-draw every parameter (diffusers zero-initializes some): norm weights 1 + N(0, 0.1²),
-    other weights N(0, 1/fan_in), biases N(0, 0.1²), so activations stay O(1) through the net."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-    return model.eval()
 
 
 def numpy_sd(model) -> dict:

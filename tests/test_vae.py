@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="VAE parity tests need PyTorch")
 diffusers = pytest.importorskip("diffusers", reason="VAE parity tests need diffusers")
+from _torch_init import randomize_  # noqa: E402
 
 from converters.dit import ConversionError  # noqa: E402
 from converters.unet import expected_keys  # noqa: E402
@@ -21,21 +22,6 @@ from jaxdq.models.vae import (SD_VAE, VAE_CONFIGS, VAEConfig, layer_roles, vae_d
 
 TOL = 1e-4
 SIZE = 16
-
-
-def randomize_(model, seed: int):
-    """Re-draw every parameter: norm weights 1 + N(0, 0.1²), other weights N(0, 1/fan_in),
-    biases N(0, 0.1²)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-    return model.eval()
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,12 +19,11 @@
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 GROUP_METRIC = {"cross-attn": "alignment", "adaLN": "alignment", "temporal-attn": "temporal"}
 
