@@ -196,7 +196,7 @@ def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: floa
 
     from jaxdq.models.dit import layer_roles
     from jaxdq.quant import mixed_precision as mp
-    from jaxdq.quant.quantizer import dequantize, compute_qparams, quantize, QuantSpec
+    from jaxdq.quant.quantizer import QuantSpec, fake_quant
     from jaxdq.quant.recipes import DEFAULT_KEEP_FLOAT, dynamic_cfg, vidit_q_balance
     from jaxdq.quant.rules import get_path, is_float_linear, iter_linears, map_linears, quantize_linear
     from jaxdq.quant.timestep import Segmented, segment_bounds
@@ -211,9 +211,7 @@ def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: floa
     metrics = {p: mp.metric_of(roles.get(p)) for p in paths}
 
     def deq(kernel, bits):
-        spec = QuantSpec(bits=bits, granularity="channel")
-        s, z = compute_qparams(kernel, spec, kind="weight")
-        return dequantize(quantize(kernel, s, z, spec, kind="weight"), s, z, spec, kind="weight")
+        return fake_quant(kernel, QuantSpec(bits=bits, granularity="channel"), kind="weight")
 
     low_k = {p: deq(get_path(bal, p)["kernel"], low) for p in paths}
     base = map_linears(bal, lambda p, l: dict(l, kernel=deq(l["kernel"], high)) if p in sizes else l)
@@ -231,25 +229,24 @@ def mixed_precision_params(model: LoadedModel, calib: dict, *, budget_bits: floa
     S = len(ts)
     bounds = segment_bounds(ts, num_segments)
 
-    @jax.jit
-    def eval_fn(params, x, t, ref_c, ref_u):
-        y = y_all[idx]
-        c = model.config.in_channels
+    def outputs(params, x, t):
+        """Cond and uncond ε ``[K, n, C, H, W]`` at K steps (params passed in, never closed over:
+        closed-over arrays would be embedded in the program as constants)."""
+        y, c = y_all[idx], model.config.in_channels
+
         def one(xk, tk):
             tt = jnp.full((n,), tk, jnp.int32)
-            ec = module.apply({"params": params}, xk, tt, y)[:, :c]
-            eu = module.apply({"params": params}, xk, tt, jnp.full_like(y, null))[:, :c]
-            return ec, eu
-        ec, eu = jax.vmap(one)(x, t)
-        return mp.output_metrics(ec, eu, ref_c, ref_u)
+            return (module.apply({"params": params}, xk, tt, y)[:, :c],
+                    module.apply({"params": params}, xk, tt, jnp.full_like(y, null))[:, :c])
+
+        return jax.vmap(one)(x, t)
+
+    float_apply = jax.jit(outputs)
 
     @jax.jit
-    def float_apply(params, x, t):  # params as an argument: closing over them would embed them as constants
-        c = model.config.in_channels
-        return jax.vmap(lambda xk, tk: (
-            module.apply({"params": params}, xk, jnp.full((n,), tk, jnp.int32), y_all[idx])[:, :c],
-            module.apply({"params": params}, xk, jnp.full((n,), tk, jnp.int32), jnp.full((n,), null, jnp.int32))[:, :c]
-        ))(x, t)
+    def eval_fn(params, x, t, ref_c, ref_u):
+        return mp.output_metrics(*outputs(params, x, t), ref_c, ref_u)
+
     promoted, seg_sens = [], []
     report = {"budget_bits": budget_bits, "low": low, "high": high, "segments": [], "per_segment": per_segment}
     for k in range(num_segments):

@@ -265,15 +265,16 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``[N, T, D] → [N, T, D]``: fc1 → GELU(tanh) → fc2."""
+    """``[N, T, C_in] → [N, T, D]``: fc1 → GELU(tanh) → fc2; both Linears carry ``role``."""
 
     hidden_size: int
     mlp_hidden: int
+    role: str = "ffn"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = Linear(self.mlp_hidden, role="ffn", name="fc1")(x)
-        return Linear(self.hidden_size, role="ffn", name="fc2")(nn.gelu(h, approximate=True))
+        h = Linear(self.mlp_hidden, role=self.role, name="fc1")(x)
+        return Linear(self.hidden_size, role=self.role, name="fc2")(nn.gelu(h, approximate=True))
 
 
 class DiTBlock(nn.Module):

@@ -265,15 +265,9 @@ class CrossAttention(nn.Module):
         return Linear(d, role="cross-attn", name="proj")(out.astype(x.dtype))
 
 
-class CaptionProjection(nn.Module):
-    """Text embeddings ``[N, L, C_t] → [N, L, D]``: fc1 → GELU(tanh) → fc2."""
-
-    hidden_size: int
-
-    @nn.compact
-    def __call__(self, y: jax.Array) -> jax.Array:
-        h = Linear(self.hidden_size, role="embedding", name="fc1")(y)
-        return Linear(self.hidden_size, role="embedding", name="fc2")(nn.gelu(h, approximate=True))
+def CaptionProjection(hidden_size: int, name: str = "caption_projection") -> Mlp:
+    """Text embeddings ``[N, L, C_t] → [N, L, D]``: fc1 → GELU(tanh) → fc2, role "embedding"."""
+    return Mlp(hidden_size, hidden_size, role="embedding", name=name)
 
 
 class AdaLNSingle(nn.Module):
