@@ -134,32 +134,55 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         "triton_w4a8_g64": (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
             a, b, s1, s2, bias=bb, packed=True, block_m=bm)), (xq, w4p, sx, sw4, bias)),
     }
+    # K-major codes (QLinear w_layout="nk"): int8 [N, K]; int4 as jnp.int4 [N, K]
+    w4t = w4.T.astype(jnp.int4)
+    w4c_scale = jnp.maximum(jnp.max(jnp.abs(wf), axis=0, keepdims=True) / 7, 1e-8)  # W4 per channel
+    w4c = jnp.clip(jnp.round(wf / w4c_scale), -8, 7).astype(jnp.int8)
+    w4ct = w4c.T.astype(jnp.int4)
+    xq4, sx4, xl14 = ref.quantize_act(x, bits=4, l1=l1, group_size=64)  # W4A4: per (token, group 64)
+    xl14 = xl14.astype(jnp.bfloat16)
+    variants["triton_w8a8_kmajor"] = (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
+        a, b, s1, s2, bias=bb, block_m=bm, w_kmajor=True)), (xq, wt, sx, sw, bias))
     if mk is not None:
-        variants["mgpu_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm(
-            a, b, s1[:, 0], s2[0], bias=bb, tile_m=bm)), (xq, wt, sx, sw, bias))
-        variants["mgpu_w8a8_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm(
-            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, tile_m=bm)), (xq, wt, sx, sw, bias, xl1, l2))
-        variants["mgpu_w8a8_lr32_tn64"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm(
-            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, tile_m=bm, tile_n=64)), (xq, wt, sx, sw, bias, xl1, l2))
-        variants["mgpu_ws_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm_ws(
+        ws = mk.int8_gemm_ws
+        variants["mgpu_ws_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb)), (xq, wt, sx, sw, bias))
-        variants["mgpu_ws_w8a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: mk.int8_gemm_ws(
+        variants["mgpu_ws_w8a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, wt, sx, sw, bias))
-        variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: mk.int8_gemm_ws(
+        variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
             a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll)), (xq, wt, sx, sw, bias, xl1, l2))
         variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
-            mk.int8_gemm_ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
+            ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
             (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w4a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1[:, 0], s2[0], bias=bb)), (xq, w4ct, sx, w4c_scale, bias))
+        variants["mgpu_ws_w4a8_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1[:, 0], s2, bias=bb)), (xq, w4t, sx, sw4, bias))
+        variants["mgpu_ws_w4a4_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1, s2, bias=bb)), (xq4, w4t, sx4, sw4, bias))
+        variants["mgpu_ws_w4a4_g64_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
+            a, b, s1, s2, bias=bb, xa=xa, l2=ll)), (xq4, w4t, sx4, sw4, bias, xl14, l2))
+        variants["mgpu_ws_w4a4_g64_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
+            ws(a, b, s1, s2, bias=bb).astype(jnp.float32)
+            + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
+            (xq4, w4t, sx4, sw4, bias, xl14, l2))
+    variants["triton_w4a4_g64_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: tk.int_gemm(
+        a, b, s1, s2, bias=bb, xa=xa, l2=ll, packed=True, block_m=bm)), (xq4, w4p, sx4, sw4, bias, xl14, l2))
 
     refs = {}
     if check:
         refs["w8"] = ref.int_gemm(xq, wq, sx, sw, bias=bias)
         refs["w8lr"] = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
         refs["w4"] = ref.int_gemm(xq, w4p, sx, sw4, bias=bias, packed=True)
-    ref_of = {"triton_w8a8": "w8", "mgpu_w8a8": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
-              "mgpu_w8a8_lr32": "w8lr", "mgpu_w8a8_lr32_tn64": "w8lr", "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8",
-              "mgpu_ws_w8a8_lr32_fused": "w8lr", "triton_w4a8_g64": "w4"}
+        refs["w4c"] = ref.int_gemm(xq, w4c, sx, w4c_scale, bias=bias)
+        refs["w4a4"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias)
+        refs["w4a4lr"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
+    ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
+              "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
+              "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_g64": "w4",
+              "mgpu_ws_w4a4_g64": "w4a4", "mgpu_ws_w4a4_g64_lr32_fused": "w4a4lr",
+              "mgpu_ws_w4a4_g64_xla_lr32": "w4a4lr", "triton_w4a4_g64_lr32": "w4a4lr"}
     base = None
     shape = f"{m}x{k}x{n}"
     for name, (f, args) in variants.items():
@@ -221,24 +244,33 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
 
     # the quantize kernel alone: bytes moved vs measured HBM bandwidth
     qcfgs = [("2sweep_bm16_w4_s1", dict(block_m=16, num_warps=4, num_stages=1)),
-             ("2sweep_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3))]
+             ("2sweep_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3)),
+             ("2sweep_bm32_w4_s3", dict(block_m=32, num_warps=4, num_stages=3)),
+             ("g64_bm32_w4_s3", dict(block_m=32, num_warps=4, num_stages=3, group_size=64, bits=4)),
+             ("g64_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3, group_size=64, bits=4))]
     if k <= 4608:
-        qcfgs.append(("1pass_bm16_w8", dict(block_m=16, num_warps=8, single_pass=True)))
+        qcfgs += [("1pass_bm16_w8", dict(block_m=16, num_warps=8, single_pass=True)),
+                  ("1pass_bm32_w8", dict(block_m=32, num_warps=8, single_pass=True))]
     for had in (0, 128):
         for cfg_name, cfg in qcfgs:
+            if had and "group_size" in cfg:
+                continue
             name = f"quantize_smooth_lr32{'_had128' if had else ''}_{cfg_name}"
             if not want(name):
                 continue
             row = {"model": model, "layer": layer, "shape": f"{mp}x{k}", "M": mp, "K": k, "variant": name}
             try:
-                f = jax.jit(lambda a, s, la: tk.quantize_act(a, smooth=s, l1=la, had_block=had, **cfg))
+                f = jax.jit(lambda a, s, la, cfg=cfg, had=had: tk.quantize_act(a, smooth=s, l1=la, had_block=had,
+                                                                               **cfg))
                 ms, how = timer(f, x, smooth, l1)
-                nbytes = mp * k * 2 + mp * k + mp * 4 + mp * RANK * 2 + k * RANK * 2 + k * 4
+                nsc = k // cfg["group_size"] if "group_size" in cfg else 1
+                nbytes = mp * k * 2 + mp * k + mp * 4 * nsc + mp * RANK * 2 + k * RANK * 2 + k * 4
                 row.update(time_ms=ms, bytes_moved=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9,
                            hbm_fraction=nbytes / (ms * 1e-3) / bw, timer=how)
                 if check:
                     c, s1, xa = f(x, smooth, l1)
-                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth, l1=l1, had_block=had)
+                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth, l1=l1, had_block=had,
+                                                   bits=cfg.get("bits", 8), group_size=cfg.get("group_size", 0))
                     d = np.abs(np.asarray(c, np.int32) - np.asarray(c0, np.int32))
                     row.update(codes_max_abs_diff=int(d.max()), codes_mismatch_frac=float((d > 0).mean()),
                                scale_rel_err=rel_err(s1, s0), xl1_rel_err=rel_err(xa, xa0))
@@ -256,9 +288,7 @@ def main():
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of this script: one tiny shape, Triton kernels interpreted, no Mosaic GPU")
-    p.add_argument("--variants", default="default",
-                   help="comma-separated name prefixes to run; 'default' skips the simple Mosaic GPU "
-                        "kernel (mgpu_w8a8*, AssertionError on jax 0.11.2 in run 1); 'all' runs everything")
+    p.add_argument("--variants", default="all", help="comma-separated name prefixes to run, or 'all'")
     a = p.parse_args()
     global SHAPES, mk
     if a.smoke:
@@ -270,8 +300,6 @@ def main():
         tk.quantize_act = ft.partial(tk.quantize_act, interpret=True)
     if a.variants == "all":
         want = lambda name: True
-    elif a.variants == "default":
-        want = lambda name: not name.startswith("mgpu_w8a8")
     else:
         prefixes = tuple(a.variants.split(","))
         want = lambda name: name.startswith(prefixes)

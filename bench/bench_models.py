@@ -37,14 +37,17 @@ def random_params(init_fn, key, std=0.02):
     return jax.tree_util.tree_unflatten(tree, [gen(k, tuple(l.shape)) for k, l in zip(keys, leaves)])
 
 
-def setup(name: str, batch: int):
+def setup(name: str, batch: int, make_params=random_params):
+    """``(params, step, x, roles)`` of model ``name``; ``make_params(init_fn, key)`` builds the
+    params from the model's init function (default: random bf16 without the float32 init);
+    ``roles``: linear path → role tag."""
     key = jax.random.PRNGKey(0)
     r = lambda *s: jax.random.normal(jax.random.PRNGKey(len(s)), s, jnp.float32).astype(BF16)  # noqa: E731
     if name == "dit-xl2-256":
-        from jaxdq.models.dit import DiT, dit_config, init_dit
+        from jaxdq.models.dit import DiT, dit_config, init_dit, layer_roles
 
         cfg = dit_config("DiT-XL/2")
-        params = random_params(lambda k: init_dit(cfg, k), key)
+        params = make_params(lambda k: init_dit(cfg, k), key)
         m = DiT(cfg)
         x, y = r(batch, 4, 32, 32), jnp.arange(batch) % 1000
         lab = jnp.concatenate([y, jnp.full_like(y, 1000)])
@@ -53,12 +56,12 @@ def setup(name: str, batch: int):
             out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), lab)
             c, u = out[:batch, :4], out[batch:, :4]
             return u + 4.0 * (c - u)
-        return params, step, x
+        return params, step, x, layer_roles(cfg)
     if name == "pixart-sigma-1024":
-        from jaxdq.models.pixart import PixArt, init_pixart, pixart_config
+        from jaxdq.models.pixart import PixArt, init_pixart, layer_roles, pixart_config
 
         cfg = pixart_config("PixArt-sigma-1024")
-        params = random_params(lambda k: init_pixart(cfg, k), key)
+        params = make_params(lambda k: init_pixart(cfg, k), key)
         m = PixArt(cfg)
         x = r(batch, 4, 128, 128)
         states = jnp.concatenate([r(batch, 300, 4096), jnp.zeros((batch, 300, 4096), BF16)])
@@ -68,12 +71,12 @@ def setup(name: str, batch: int):
             out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), states, mask)
             c, u = out[:batch, :4], out[batch:, :4]
             return u + 4.5 * (c - u)
-        return params, step, x
+        return params, step, x, layer_roles(cfg)
     if name == "sd15-unet-512":
-        from jaxdq.models.unet import UNet, init_unet, unet_config
+        from jaxdq.models.unet import UNet, init_unet, layer_roles, unet_config
 
         cfg = unet_config("sd-1.5")
-        params = random_params(lambda k: init_unet(cfg, k), key)
+        params = make_params(lambda k: init_unet(cfg, k), key)
         m = UNet(cfg)
         x = r(batch, 4, 64, 64)
         states = jnp.concatenate([r(batch, 77, 768), jnp.zeros((batch, 77, 768), BF16)])
@@ -82,13 +85,13 @@ def setup(name: str, batch: int):
             out = m.apply({"params": p}, jnp.concatenate([x, x]), jnp.concatenate([t, t]), states)
             c, u = out[:batch], out[batch:]
             return u + 7.5 * (c - u)
-        return params, step, x
+        return params, step, x, layer_roles(cfg)
     if name.startswith("flux1-dev"):
-        from jaxdq.models.flux import Flux, flux_config, image_ids, init_flux, text_ids
+        from jaxdq.models.flux import Flux, flux_config, image_ids, init_flux, layer_roles, text_ids
 
         res = int(name.rsplit("-", 1)[1])
         cfg = flux_config("flux1-dev")
-        params = random_params(lambda k: init_flux(cfg, k), key)
+        params = make_params(lambda k: init_flux(cfg, k), key)
         m = Flux(cfg)
         h = res // 8
         seq = (h // 2) ** 2
@@ -99,7 +102,7 @@ def setup(name: str, batch: int):
 
         def step(p, x, t):
             return m.apply({"params": p}, x, txt, pooled, t.astype(jnp.float32) / 1000, ii, ti, g)
-        return params, step, x
+        return params, step, x, layer_roles(cfg)
     raise ValueError(f"unknown model {name}")
 
 
@@ -111,7 +114,7 @@ def main():
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     args = ap.parse_args()
     t0 = time.time()
-    params, step, x = setup(args.model, args.batch)
+    params, step, x, _ = setup(args.model, args.batch)
     jax.block_until_ready(params)
     build = time.time() - t0
     wbytes = int(sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(params)))

@@ -48,7 +48,8 @@ def _flatten(tree: Mapping, layers: dict, prefix: str = "") -> dict:
             out[k] = {f"v{i}": _flatten(var, layers, f"{path}/v{i}") for i, var in enumerate(v.variants)}
         elif isinstance(v, QLinear):
             layers[path] = {"w_spec": _spec_to_json(v.w_spec), "act_spec": _spec_to_json(v.act_spec),
-                            "packed": v.packed, "impl": v.impl, "had_block": v.had_block}
+                            "packed": v.packed, "impl": v.impl, "had_block": v.had_block,
+                            "w_layout": v.w_layout}
             out[k] = {f: np.asarray(getattr(v, f)) for f in _ARRAY_FIELDS if getattr(v, f) is not None}
         elif isinstance(v, Mapping):
             out[k] = _flatten(v, layers, path)
@@ -72,7 +73,8 @@ def _unflatten(tree: Mapping, layers: Mapping, prefix: str = "") -> dict:
                              w_spec=_spec_from_json(cfg["w_spec"]),
                              act_spec=_spec_from_json(cfg["act_spec"]),
                              packed=cfg["packed"], impl=cfg["impl"],
-                             had_block=cfg.get("had_block", 0))
+                             had_block=cfg.get("had_block", 0),
+                             w_layout=cfg.get("w_layout", "kn"))
         elif isinstance(v, Mapping):
             out[k] = _unflatten(v, layers, path)
         else:

@@ -1,18 +1,16 @@
-"""Hopper (sm_90a) W8A8 GEMM through the Pallas Mosaic GPU backend.
+"""Hopper (sm_90a) integer GEMMs through the Pallas Mosaic GPU backend.
 
-``wgmma.mma_async ... .s32.s8.s8`` (integer tensor cores, int32 accumulator in
-registers) over a TMA-fed multi-stage shared-memory pipeline (``plgpu.emit_pipeline``),
-one warpgroup per CTA tile.  8-bit wgmma needs both operands K-major in shared
-memory, so the weight is passed transposed, ``wt = W^T [N, K]`` (int8), and viewed
-as ``[K, N]`` through ``plgpu.transpose_ref``.
-
-Fused epilogue in registers (WGMMA layout): ``acc·s_x·s_w + bias``, plus the
-low-rank up-projection as a second wgmma, ``bf16 XA [tm, r] @ L2 [r, tn]`` into an
-f32 accumulator of the same tile, gate and residual; then bf16 through shared
-memory and a TMA store.
+:func:`int8_gemm_ws`: ``wgmma.mma_async ... .s32.s8.s8`` (integer tensor cores, int32
+accumulator in registers) fed by a TMA multi-stage shared-memory pipeline, one producer
+and two consumer warpgroups, persistent over the output tiles.  8-bit wgmma needs both
+operands K-major in shared memory, so the weight comes K-major, ``wt = W^T [N, K]``
+(int8, or ``jnp.int4`` unpacked to int8 in the kernel), viewed as ``[K, N]`` through
+``plgpu.transpose_ref``.  Fused epilogue in registers: scales, bias, the low-rank
+up-projection (second wgmma, bf16); then bf16 through shared memory and TMA stores.
 
 Mosaic GPU kernels do not run in interpret mode on CPU in jax 0.10/0.11; they are
-checked against the reference on the GPU by ``bench/bench_kernels.py``.
+checked against :mod:`pallas_kernels.reference` on the GPU by ``bench/bench_kernels.py``
+(``rel_err_vs_ref`` per row); the CPU tests only trace them to Mosaic GPU IR.
 """
 from __future__ import annotations
 
@@ -30,126 +28,60 @@ def _transforms(minor_elems: int, bits: int):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-def int8_gemm(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate_rows=None,
-              out_dtype=jnp.bfloat16, tile_m: int = 128, tile_n: int = 128, tile_k: int = 128,
-              max_concurrent_steps: int = 4):
-    """``bf16 [M, N] = (xq @ wt.T) · sx · sw + bias + xa @ l2`` (then ``· gate + residual``).
+def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.bfloat16,
+                 tile_m: int = 128, tile_n: int | None = None, tile_k: int | None = None,
+                 max_concurrent_steps: int = 4, epi_tile_n: int = 64, epi_tile_m: int = 64,
+                 grid_tile_width: int = 8, wg_dim: str = "auto"):
+    """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
+
+    ``bf16 [M, N] = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``
 
     Args:
-      xq: int8 ``[M, K]``.  wt: int8 ``[N, K]`` (the weight transposed).
-      sx: f32 ``[M]``; sw: f32 ``[N]``; bias: f32 ``[N]`` or None.
-      xa: bf16 ``[M, r]``, l2: bf16 ``[r, N]`` (r a multiple of 16) or None.
-      residual: bf16 ``[M, N]``; gate_rows: bf16 ``[M, N]`` (the gate broadcast to rows) or None.
-    M, N, K must be multiples of the tiles.
-    """
-    m, k = xq.shape
-    n = wt.shape[0]
-    tile_m, tile_n = min(tile_m, m), min(tile_n, n)
-    if m % tile_m or n % tile_n or k % tile_k:
-        raise ValueError(f"shape {(m, n, k)} not divisible by tiles {(tile_m, tile_n, tile_k)}")
-    k_iters = k // tile_k
-    if residual is not None or gate_rows is not None:  # their tiles take shared memory
-        max_concurrent_steps = min(max_concurrent_steps, 2)
-    in_tr = _transforms(tile_k, 8)
-    out_tr = _transforms(tile_n, 16)
-    has_bias, has_lr = bias is not None, xa is not None
-    has_res, has_gate = residual is not None, gate_rows is not None
+      xq: int8 ``[M, K]`` activation codes (8- or 4-bit values).
+      wt: the weight codes K-major, ``[N, K]``: int8, or ``jnp.int4`` (two codes per
+        byte in memory; unpacked to int8 in the kernel, see below).
+      sx: f32 per-token scales ``[M]``, or ``[M, G]`` per (token, group of K/G channels).
+      sw: f32 per-channel scales ``[N]``, or ``[G, N]`` per group.
+      bias: f32 ``[N]`` or None.  xa ``[M, r]``, l2 ``[r, N]`` (bf16, r % 16 == 0):
+        the low-rank branch, fused as a second wgmma (see below).
+    Instructions: the main loop is ``wgmma.mma_async.sync.aligned.m64nNk32.s32.s8.s8``
+    (dense) with both operands in swizzled shared memory.  int4 weights travel HBM→SMEM by TMA
+    as 4-bit, each consumer warpgroup converts its ``[tile_n, tile_k]`` tile to int8 in
+    registers (``prmt``/``lop3`` sequence of Mosaic GPU's i4→i8 cast) and stores it to a
+    double-buffered SMEM tile the s8 wgmma reads (Hopper has no 4-bit MMA).  With group
+    scales (G > 1) ``tile_k`` = K/G: each K-step's int32 product is waited for and added
+    to an f32 register accumulator as ``part · sx[:, g] ⊗ sw[g]`` (the scales arrive with
+    the operands through the same TMA pipeline).
 
-    def kernel(*refs):
-        it = iter(refs)
-        x_gmem, w_gmem, sx_smem, sw_smem = next(it), next(it), next(it), next(it)
-        b_smem = next(it) if has_bias else None
-        xa_smem, l2_smem = (next(it), next(it)) if has_lr else (None, None)
-        g_smem = next(it) if has_gate else None
-        r_smem = next(it) if has_res else None
-        o_smem = next(it)
-        acc = next(it)
-        acc_lr = next(it) if has_lr else None
-        mi, ni = pl.program_id(0), pl.program_id(1)
-
-        def body(_, a_smem, b_smem):
-            plgpu.wgmma(acc, a_smem, plgpu.transpose_ref(b_smem, (1, 0)))
-            plgpu.wgmma_wait(1)  # keep one wgmma in flight; delay_release=1 keeps its buffers
-
-        plgpu.emit_pipeline(
-            body,
-            in_specs=[plgpu.BlockSpec((tile_m, tile_k), lambda kk: (mi, kk), transforms=in_tr,
-                                     delay_release=1),
-                      plgpu.BlockSpec((tile_n, tile_k), lambda kk: (ni, kk), transforms=in_tr,
-                                     delay_release=1)],
-            grid=(k_iters,), max_concurrent_steps=max_concurrent_steps,
-        )(x_gmem, w_gmem)
-        if has_lr:
-            plgpu.wgmma(acc_lr, xa_smem, plgpu.transpose_ref(l2_smem, (1, 0)))
-        plgpu.wgmma_wait(0)
-        shape = (tile_m, tile_n)
-        srow = plgpu.load(sx_smem, (), layout=plgpu.Layout.WGMMA.reduce(1))
-        scol = plgpu.load(sw_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-        y = acc[...].astype(jnp.float32)
-        y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
-        if has_bias:
-            bcol = plgpu.load(b_smem, (), layout=plgpu.Layout.WGMMA.reduce(0))
-            y = y + lax.broadcast_in_dim(bcol, shape, [1])
-        if has_lr:
-            y = y + acc_lr[...]
-        if has_gate:
-            y = y * plgpu.load(g_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-        if has_res:
-            y = y + plgpu.load(r_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
-        o_smem[...] = y.astype(out_dtype)
-
-    args = [xq, wt, sx.astype(jnp.float32), sw.astype(jnp.float32)]
-    gm = pl.BlockSpec(memory_space=plgpu.GMEM)
-    specs = [gm, gm, plgpu.BlockSpec((tile_m,), lambda i, j: (i,)),
-             plgpu.BlockSpec((tile_n,), lambda i, j: (j,))]
-    scratch = [plgpu.ACC((tile_m, tile_n), jnp.int32)]
-    if has_bias:
-        args.append(bias.astype(jnp.float32))
-        specs.append(plgpu.BlockSpec((tile_n,), lambda i, j: (j,)))
-    if has_lr:
-        r = xa.shape[1]
-        args += [xa.astype(jnp.bfloat16), l2.T.astype(jnp.bfloat16)]  # L2^T [N, r]: swizzle matches XA's
-        specs += [plgpu.BlockSpec((tile_m, r), lambda i, j: (i, 0), transforms=_transforms(r, 16)),
-                  plgpu.BlockSpec((tile_n, r), lambda i, j: (j, 0), transforms=_transforms(r, 16))]
-        scratch.append(plgpu.ACC((tile_m, tile_n), jnp.float32))
-    if has_gate:
-        args.append(gate_rows.astype(out_dtype))
-        specs.append(plgpu.BlockSpec((tile_m, tile_n), lambda i, j: (i, j), transforms=out_tr))
-    if has_res:
-        args.append(residual.astype(out_dtype))
-        specs.append(plgpu.BlockSpec((tile_m, tile_n), lambda i, j: (i, j), transforms=out_tr))
-    return pl.pallas_call(
-        kernel, in_specs=specs,
-        out_specs=plgpu.BlockSpec((tile_m, tile_n), lambda i, j: (i, j), transforms=out_tr),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(m // tile_m, n // tile_n),
-        scratch_shapes=scratch, compiler_params=plgpu.CompilerParams(),
-        name="jaxdq_int8_gemm_mgpu")(*args)
-
-
-def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.bfloat16,
-                 tile_m: int = 128, tile_n: int | None = None, tile_k: int = 128, max_concurrent_steps: int = 4,
-                 epi_tile_n: int = 64, epi_tile_m: int = 64, grid_tile_width: int = 8,
-                 wg_dim: str = "auto"):
-    """Warp-specialized, persistent variant of :func:`int8_gemm`.
-
-    With ``xa [M, r]`` and ``l2 [r, N]`` (bf16, r % 16 == 0) the low-rank branch is fused:
-    each consumer warpgroup TMA-loads its ``xa`` rows and ``l2`` columns at the start of a
-    tile (overlapping the main loop) and after it issues one bf16 wgmma into a second f32
-    accumulator of the same tile.  Two accumulators of 128×128 would need 256 registers
-    per thread, so ``tile_n`` defaults to 64 with the branch (128 without).
-    NOTE: the fused low-rank variant is lowering-checked only; it has not yet run on a GPU.
-
-    The structure of jax's ``hopper_matmul_mgpu`` example: one producer warpgroup
-    issuing TMA loads, two consumer warpgroups each owning a ``tile_m × tile_n``
-    int32 accumulator (CTA tile ``tile_m × 2·tile_n``, or ``2·tile_m × tile_n`` with
-    ``wg_dim="m"``; "auto" picks n when N divides), a persistent grid of one CTA
-    per SM walking the output tiles in a planar snake; epilogue ``acc·s_x·s_w + bias``.
+    Structure of jax's ``hopper_matmul_mgpu`` example: one producer warpgroup issuing
+    TMA loads, two consumer warpgroups each owning a ``tile_m × tile_n`` accumulator (CTA
+    tile ``tile_m × 2·tile_n``, or ``2·tile_m × tile_n`` with ``wg_dim="m"``; "auto" picks
+    n when N divides), a persistent grid of one CTA per SM walking the output tiles in a
+    planar snake.  Low-rank branch: each consumer TMA-loads its ``xa`` rows and ``l2``
+    columns at the start of a tile and after the main loop issues one bf16 wgmma into a
+    second f32 accumulator; ``tile_n`` defaults to 64 then (two 128×128 accumulators
+    would need 256 registers per thread), else 128.
     """
     m, k = xq.shape
     n = wt.shape[0]
     has_lr = xa is not None
+    w4 = wt.dtype == jnp.int4
+    sx = sx.astype(jnp.float32)
+    sw = sw.astype(jnp.float32)
+    groups = max(sx.shape[1] if sx.ndim == 2 else 1, sw.shape[0] if sw.ndim == 2 else 1)
+    grouped = groups > 1
+    if grouped:
+        if k % groups:
+            raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
+        tile_k = k // groups
+        if tile_k not in (64, 128):
+            raise ValueError(f"group size {tile_k} unsupported (64 or 128)")
+        # scales as [G, M] / [G, N] rows, pipelined with the operands (one row per K-step)
+        sxg = jnp.broadcast_to(sx.reshape(m, -1), (m, groups)).T
+        swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
+    tile_k = tile_k or 128
     if tile_n is None:
-        tile_n = 64 if has_lr else 128
+        tile_n = 64 if (has_lr or grouped) else 128
     r = xa.shape[1] if has_lr else 0
     if wg_dim == "auto":
         wg_dim = "n" if n % (2 * tile_n) == 0 else "m"
@@ -158,33 +90,43 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         raise ValueError(f"shape {(m, n, k)} not divisible by CTA tile {(cta_m, cta_n, tile_k)}")
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
     in_tr = _transforms(tile_k, 8)
+    w_tr = _transforms(tile_k, 4) if w4 else in_tr
     out_tr = _transforms(epi_tile_n, 16)
     has_bias = bias is not None
     num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+    shape = (tile_m, tile_n)
 
     def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, out_gmem):
+        specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
+                                 memory_space=plgpu.SMEM, delay_release=1),
+                 plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
+                                 memory_space=plgpu.SMEM, delay_release=1)]
+        if grouped:
+            specs += [plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
+                                      delay_release=1),
+                      plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
+                                      delay_release=1)]
+
         def get_pipeline(pipeline_body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
-                pipeline_body, grid=(k_iters,), memory_registers=40,
-                in_specs=[plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
-                                          memory_space=plgpu.SMEM, delay_release=1),
-                          plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=in_tr,
-                                          memory_space=plgpu.SMEM, delay_release=1)],
+                pipeline_body, grid=(k_iters,), memory_registers=40, in_specs=specs,
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=max_concurrent_steps,
                 compute_context=compute_context)
 
         ignore = lambda *_, **__: None
+        pipe_in = (x_gmem, w_gmem) + ((sx_gmem, sw_gmem) if grouped else ())
 
         @functools.partial(
             pl.run_scoped,
-            pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, w_gmem),
+            pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*pipe_in),
             out_smem=plgpu.SMEM((2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_tr),
             lr_smem=(plgpu.SMEM((2, tile_m, r), jnp.bfloat16, transforms=_transforms(r, 16)),
                      plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=_transforms(r, 16)))
             if has_lr else None,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
+            w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 else None,
             collective_axes="wg")
-        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar):
+        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem):
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -198,56 +140,92 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                 else:
                     wm, wn = pl.ds(wg * tile_m, tile_m), slice(None)
 
-                def compute_context(eval_pipeline):
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tile_m, tile_n), jnp.int32))
-                    def _acc_scope(acc_ref):
-                        if has_lr:  # issue the low-rank tiles' loads before the main loop
-                            plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], lr_smem[0].at[wg], lr_bar.at[2 * wg])
-                            plgpu.copy_gmem_to_smem(l2t_gmem.at[cn].at[wn], lr_smem[1].at[wg],
-                                                    lr_bar.at[2 * wg + 1])
-                        eval_pipeline(acc_ref)
-                        shape = (tile_m, tile_n)
-                        srow = plgpu.load(sx_gmem.at[cm].at[wm], (), layout=plgpu.Layout.WGMMA.reduce(1),
+                def epilogue(y):
+                    """f32 ``y [tile_m, tile_n]`` (scales applied) → + bias + low rank → HBM."""
+                    if has_bias:
+                        bcol = plgpu.load(b_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
                                           optimized=False)
-                        scol = plgpu.load(sw_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                                          optimized=False)
-                        y = acc_ref[...].astype(jnp.float32)
-                        y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
-                        if has_bias:
-                            bcol = plgpu.load(b_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                        y = y + lax.broadcast_in_dim(bcol, shape, [1])
+                    if has_lr:
+                        plgpu.barrier_wait(lr_bar.at[2 * wg])
+                        plgpu.barrier_wait(lr_bar.at[2 * wg + 1])
+
+                        @functools.partial(pl.run_scoped, lr_ref=plgpu.ACC(shape, jnp.float32))
+                        def _lr(lr_ref):
+                            plgpu.wgmma(lr_ref, lr_smem[0].at[wg],
+                                        plgpu.transpose_ref(lr_smem[1].at[wg], (1, 0)))
+                            plgpu.wgmma_wait(0)
+                            return lr_ref[...]
+                        y = y + _lr
+                    y = y.astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for emi in range(tile_m // epi_tile_m):
+                        for eni in range(tile_n // epi_tile_n):
+                            es_m = slice(emi * epi_tile_m, (emi + 1) * epi_tile_m)
+                            es_n = slice(eni * epi_tile_n, (eni + 1) * epi_tile_n)
+                            slot = (emi * (tile_n // epi_tile_n) + eni) % 2
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, slot] = y[es_m, es_n]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, slot], out_gmem.at[cm, cn].at[wm, wn].at[es_m, es_n])
+
+                def start_lowrank_loads():
+                    if has_lr:  # issue the low-rank tiles' loads before the main loop
+                        plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], lr_smem[0].at[wg], lr_bar.at[2 * wg])
+                        plgpu.copy_gmem_to_smem(l2t_gmem.at[cn].at[wn], lr_smem[1].at[wg], lr_bar.at[2 * wg + 1])
+
+                def weight_operand(kk, b_smem):
+                    """The K-major int8 ``[tile_n, tile_k]`` weight tile in SMEM, as ``[tile_k, tile_n]``."""
+                    b = b_smem.at[wn]
+                    if w4:  # int4 → int8 in registers, into this warpgroup's buffer of this parity
+                        dst = w8_smem.at[wg, lax.rem(kk, 2)]
+                        dst[...] = b[...].astype(jnp.int8)
+                        plgpu.commit_smem()
+                        b = dst
+                    return plgpu.transpose_ref(b, (1, 0))
+
+                if not grouped:
+                    def compute_context(eval_pipeline):
+                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.int32))
+                        def _acc_scope(acc_ref):
+                            start_lowrank_loads()
+                            eval_pipeline(acc_ref)
+                            srow = plgpu.load(sx_gmem.at[cm].at[wm], (), layout=plgpu.Layout.WGMMA.reduce(1),
                                               optimized=False)
-                            y = y + lax.broadcast_in_dim(bcol, shape, [1])
-                        if has_lr:
-                            plgpu.barrier_wait(lr_bar.at[2 * wg])
-                            plgpu.barrier_wait(lr_bar.at[2 * wg + 1])
+                            scol = plgpu.load(sw_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
+                                              optimized=False)
+                            y = acc_ref[...].astype(jnp.float32)
+                            y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
+                            epilogue(y)
 
-                            @functools.partial(pl.run_scoped, lr_ref=plgpu.ACC(shape, jnp.float32))
-                            def _lr(lr_ref):
-                                plgpu.wgmma(lr_ref, lr_smem[0].at[wg],
-                                            plgpu.transpose_ref(lr_smem[1].at[wg], (1, 0)))
-                                plgpu.wgmma_wait(0)
-                                return lr_ref[...]
-                            y = y + _lr
-                        y = y.astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for emi in range(tile_m // epi_tile_m):
-                            for eni in range(tile_n // epi_tile_n):
-                                es_m = slice(emi * epi_tile_m, (emi + 1) * epi_tile_m)
-                                es_n = slice(eni * epi_tile_n, (eni + 1) * epi_tile_n)
-                                slot = (emi * (tile_n // epi_tile_n) + eni) % 2
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                                out_smem[wg, slot] = y[es_m, es_n]
-                                plgpu.commit_smem()
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot], out_gmem.at[cm, cn].at[wm, wn].at[es_m, es_n])
+                    def mma_body(idx, a_smem, b_smem, acc_ref):
+                        plgpu.wgmma(acc_ref, a_smem.at[wm], weight_operand(idx[0], b_smem))
+                        plgpu.wgmma_wait(1)
+                        return acc_ref
 
-                def mma_body(_, a_smem, b_smem, acc_ref):
-                    plgpu.wgmma(acc_ref, a_smem.at[wm], plgpu.transpose_ref(b_smem.at[wn], (1, 0)))
-                    plgpu.wgmma_wait(1)
-                    return acc_ref
+                    get_pipeline(mma_body, compute_context)(
+                        x_gmem.at[cm, :], w_gmem.at[cn, :], allocations=pipeline_allocs)
+                else:
+                    def compute_context(eval_pipeline):
+                        start_lowrank_loads()
+                        y0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+                        epilogue(eval_pipeline(y0))
 
-                get_pipeline(mma_body, compute_context)(
-                    x_gmem.at[cm, :], w_gmem.at[cn, :], allocations=pipeline_allocs)
+                    def mma_body(idx, a_smem, b_smem, sx_smem, sw_smem, y):
+                        @functools.partial(pl.run_scoped, part_ref=plgpu.ACC(shape, jnp.int32))
+                        def part(part_ref):
+                            plgpu.wgmma(part_ref, a_smem.at[wm], weight_operand(idx[0], b_smem))
+                            plgpu.wgmma_wait(0)
+                            return part_ref[...]
+                        srow = plgpu.load(sx_smem.at[0].at[wm], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                        scol = plgpu.load(sw_smem.at[0].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        return y + (part.astype(jnp.float32) * lax.broadcast_in_dim(srow, shape, [0])
+                                    * lax.broadcast_in_dim(scol, shape, [1]))
+
+                    get_pipeline(mma_body, compute_context)(
+                        x_gmem.at[cm, :], w_gmem.at[cn, :], sx_gmem.at[:, cm], sw_gmem.at[:, cn],
+                        allocations=pipeline_allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -261,4 +239,6 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         xa_in, l2t_in = xa.astype(jnp.bfloat16), l2.T.astype(jnp.bfloat16)  # L2^T [N, r]
     else:
         xa_in, l2t_in = jnp.zeros((m, 16), jnp.bfloat16), jnp.zeros((n, 16), jnp.bfloat16)
-    return f(xq, wt, sx.astype(jnp.float32), sw.astype(jnp.float32), b, xa_in, l2t_in)
+    if grouped:
+        return f(xq, wt, sxg, swg, b, xa_in, l2t_in)
+    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in)

@@ -4,19 +4,25 @@ On a CUDA backend, for the configurations the kernels cover, the layer runs as t
 kernels (both jit-able, shapes static):
 
 1. :func:`pallas_kernels.triton_kernels.quantize_act`: ``X' = H(X / smooth)``, int8
-   codes with per-token scales (``bits`` = act_spec.bits; 4-bit codes in int8), and
-   ``X' L1`` (bf16), reading X once per sweep.
+   codes (``bits`` = act_spec.bits; 4-bit codes carried in int8) with per-token or
+   per-(token, group) scales, and ``X' L1`` (bf16).
 2. the integer GEMM with the fused epilogue ``acc·s_x·s_w + bias + (X'L1) L2``:
-   * int8 weights, per-channel scales, Hopper: Mosaic GPU ``wgmma ... s32.s8.s8``,
-     warp-specialized persistent kernel (:func:`pallas_kernels.mosaic_kernels.int8_gemm_ws`;
-     the weight is transposed to K-major at call time; epilogue ``acc·s_x·s_w + bias``;
-     the low-rank ``(X'L1) L2`` is added by XLA after it on this path);
-   * otherwise (packed int4 weights, per-group scales, or non-Hopper): the Pallas-Triton
-     kernel (int8 ``tt.dot``; int4 codes unpacked to int8 in registers first).
+   * Hopper (sm_90): :func:`pallas_kernels.mosaic_kernels.int8_gemm_ws`, Mosaic GPU
+     ``wgmma ... .s32.s8.s8``, for int8 and int4 weights (int4 unpacked to int8 in the
+     kernel), per-channel or per-group (64/128) scales; the low-rank product is fused
+     as a second wgmma when ``fuse_lowrank`` (:data:`FUSE_LOWRANK_HOPPER`), else added by
+     XLA after the GEMM;
+   * other GPUs (or ``GEMM_BACKEND="triton"``): the Pallas-Triton kernel (int8 ``tt.dot``,
+     int4 codes unpacked in registers, the whole epilogue fused).
+   Codes stored K-major (``QLinear.w_layout == "nk"``, see
+   :func:`jaxdq.quant.rules.use_kernels`) are read as they are; "kn" codes are
+   transposed per call.
 
-Everything else (CPU/TPU backends, static or asymmetric activations, asymmetric
-weights, tensor-granularity scales) returns the QLinear's own reference: ``impl="int"``
-semantics where :meth:`QLinear.int_path_ok`, else ``impl="fake"``.
+Weight-only layers (``act_spec`` None) dequantize to the activation dtype and use
+XLA's dot.  Everything else (CPU/TPU backends, static or asymmetric activations,
+asymmetric weights, tensor-granularity scales, shapes not multiples of 128) returns
+the QLinear's own reference: ``impl="int"`` where :meth:`QLinear.int_path_ok`, else
+``impl="fake"``.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import triton_kernels
 
-#: "auto": Mosaic GPU warp-specialized wgmma (``int8_gemm_ws``) for int8 per-channel
-#: weights on sm_90, Triton otherwise; "triton": always the Triton GEMM.
+#: "auto": Mosaic GPU warp-specialized wgmma (``int8_gemm_ws``) on sm_90, Triton
+#: otherwise; "triton": always the Triton GEMM.
 GEMM_BACKEND = "auto"
 #: Fuse the low-rank up-projection into the Hopper wgmma kernel (second accumulator).
 #: Off until bench/bench_kernels.py's ``mgpu_ws_w8a8_lr32_fused`` rows show it correct on a GPU.
@@ -45,19 +51,27 @@ def on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
 
+def _act_group(q) -> int:
+    a = q.act_spec
+    return a.group_size if a.granularity == "group" else 0
+
+
 def kernel_supported(q) -> bool:
     """Whether :func:`qlinear_apply` runs ``q`` through the kernels (on a GPU)."""
     a, w = q.act_spec, q.w_spec
-    if a is None or q.act_static or not a.symmetric or a.granularity != "token":
+    if a is None or q.act_static or not a.symmetric or a.granularity not in ("token", "group"):
         return False
     if not w.symmetric or q.w_zero is not None or w.granularity not in ("channel", "group"):
         return False
     k, n = q.in_features, q.out_features
-    if w.granularity == "group" and (w.group_size % 32 or k % w.group_size):
-        return False
     if k % 128 or n % 128:
         return False
+    groups = [g for g in (w.group_size if w.granularity == "group" else 0, _act_group(q)) if g]
+    if any(g % 32 or k % g or g & (g - 1) for g in groups) or len(set(groups)) > 1:
+        return False  # one group size (a power of two ≥ 32) shared by weights and activations
     if q.had_block and (q.had_block < 16 or q.had_block & (q.had_block - 1)):
+        return False
+    if _act_group(q) and q.had_block and q.had_block != _act_group(q):
         return False
     return True
 
@@ -70,8 +84,36 @@ def _pad_rows(a, m_pad):
     return a if a.shape[0] == m_pad else jnp.pad(a, ((0, m_pad - a.shape[0]), (0, 0)))
 
 
-def qlinear_apply(q, x: jax.Array) -> jax.Array:
-    """``y = QLinear(x)`` for ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``."""
+def _weight_nk(q):
+    """The weight codes K-major for the Hopper kernel: int8 ``[N, K]`` or ``jnp.int4 [N, K]``."""
+    if q.w_layout == "nk":
+        if q.packed:  # uint8 [N, K/2], element 2i in the low nibble = XLA's int4 packing
+            return jax.lax.bitcast_convert_type(q.qweight, jnp.int4).reshape(q.out_features, q.in_features)
+        return q.qweight
+    codes = q.weight_codes().T  # "kn" layout: one transpose (and unpack) per call
+    return codes.astype(jnp.int4) if q.packed else codes
+
+
+def _weight_only(q, x):
+    """W{b}A16: codes dequantized to ``x.dtype`` (one XLA fusion), then XLA's dot."""
+    xt = q.transform_input(x)
+    y = jnp.dot(xt, q.dequantized_weight().astype(x.dtype), preferred_element_type=jnp.float32)
+    if q.lowrank_a is not None:
+        y = y + jnp.dot(jnp.dot(xt, q.lowrank_a.astype(x.dtype)), q.lowrank_b.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    if q.bias is not None:
+        y = y + q.bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def qlinear_apply(q, x: jax.Array, *, fuse_lowrank: bool | None = None) -> jax.Array:
+    """``y = QLinear(x)`` for ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``.
+
+    ``fuse_lowrank``: on the Hopper path, add the low-rank up-projection inside the GEMM
+    (second wgmma) instead of as an XLA product after it; None = :data:`FUSE_LOWRANK_HOPPER`.
+    """
+    if on_gpu() and q.act_spec is None:
+        return _weight_only(q, x)
     if not (on_gpu() and kernel_supported(q)):
         return _reference(q, x)
     dtype = x.dtype
@@ -87,27 +129,30 @@ def qlinear_apply(q, x: jax.Array) -> jax.Array:
         pad = 16 - l1.shape[1] % 16
         l1 = jnp.pad(l1, ((0, 0), (0, pad)))
         l2 = jnp.pad(l2, ((0, pad), (0, 0)))
+    ag = _act_group(q)
     codes, sx, xl1 = triton_kernels.quantize_act(
-        x2, bits=q.act_spec.bits, smooth=q.smooth, had_block=q.had_block, l1=l1, block_m=16)
-    grouped = q.w_spec.granularity == "group"
+        x2, bits=q.act_spec.bits, smooth=q.smooth, had_block=q.had_block, l1=l1, group_size=ag, block_m=16)
     bias = None if q.bias is None else q.bias.astype(jnp.float32)
-    use_ws = (GEMM_BACKEND == "auto" and _is_hopper() and not q.packed and not grouped)
+    group = max(ag, q.w_spec.group_size if q.w_spec.granularity == "group" else 0)
+    use_ws = GEMM_BACKEND == "auto" and _is_hopper() and group in (0, 64, 128)
     if use_ws:
         from pallas_kernels import mosaic_kernels
 
-        # persistent warp-specialized wgmma s8 kernel; rows padded to its CTA tile
-        fuse = FUSE_LOWRANK_HOPPER and xl1 is not None
-        cta_m = 128 if n % (128 if fuse else 256) == 0 else 256  # int8_gemm_ws's wg_dim="auto"
+        fuse = (FUSE_LOWRANK_HOPPER if fuse_lowrank is None else fuse_lowrank) and xl1 is not None
+        tile_n = 64 if (fuse or group) else 128
+        cta_m = 128 if n % (2 * tile_n) == 0 else 256  # int8_gemm_ws's wg_dim="auto"
         m_ws = -(-m // cta_m) * cta_m
         codes_ws, sx_ws = _pad_rows(codes, m_ws), _pad_rows(sx, m_ws)
-        y = mosaic_kernels.int8_gemm_ws(codes_ws, q.qweight.T, sx_ws[:, 0], q.w_scale.reshape(-1),
+        sw = q.w_scale.reshape(-1) if q.w_spec.granularity == "channel" else q.w_scale
+        y = mosaic_kernels.int8_gemm_ws(codes_ws, _weight_nk(q), sx_ws if ag else sx_ws[:, 0], sw,
                                         bias=bias, xa=_pad_rows(xl1, m_ws) if fuse else None,
                                         l2=l2 if fuse else None, out_dtype=jnp.bfloat16)
-        if xl1 is not None and not fuse:  # not fused on this path yet: one XLA product + add
+        if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
             xa = _pad_rows(xl1, m_ws)
             y = (y.astype(jnp.float32) + jnp.dot(xa, l2.astype(jnp.bfloat16),
                                                  preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
     else:
         y = triton_kernels.int_gemm(codes, q.qweight, sx, q.w_scale, bias=bias, xa=xl1, l2=l2,
-                                    packed=q.packed, out_dtype=jnp.bfloat16, block_m=bm)
+                                    packed=q.packed, w_kmajor=q.w_layout == "nk",
+                                    out_dtype=jnp.bfloat16, block_m=bm)
     return y[:m].reshape(*lead, n).astype(dtype)

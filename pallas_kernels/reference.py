@@ -44,26 +44,30 @@ def transform_input(x: jax.Array, smooth: Optional[jax.Array] = None, had_block:
 
 
 def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = None,
-                 had_block: int = 0, l1: Optional[jax.Array] = None):
-    """Fused activation quantization (dynamic, symmetric, per token).
+                 had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0):
+    """Fused activation quantization (dynamic, symmetric, per token or per (token, group)).
 
     Args:
       x: ``[M, K]`` (bf16 or float32).  bits: 8 or 4 (4-bit codes in int8, ``[-8, 7]``).
       smooth: optional ``[K]`` divisor.  had_block: block-Hadamard size (0 = none).
       l1: optional ``[K, r]`` low-rank down-projection factor.
+      group_size: 0 = one scale per token; G = one per token and G consecutive channels.
     Returns:
-      ``codes`` int8 ``[M, K]``, ``scale`` float32 ``[M, 1]`` (``absmax / qmax``,
-      floored at 1e-8), and ``xl1`` float32 ``[M, r]`` = ``x' @ l1`` of the
-      transformed, unquantized ``x'`` (None without ``l1``).
+      ``codes`` int8 ``[M, K]``, ``scale`` float32 ``[M, 1]`` (or ``[M, K / G]``;
+      ``absmax / qmax`` floored at 1e-8), and ``xl1`` float32 ``[M, r]`` = ``x' @ l1`` of
+      the transformed, unquantized ``x'`` (None without ``l1``).
     """
     qmax = 2 ** (bits - 1) - 1
     xt = transform_input(x, smooth, had_block)
-    scale = jnp.maximum(jnp.max(jnp.abs(xt), axis=-1, keepdims=True) / qmax, _TINY)
-    codes = jnp.clip(jnp.round(xt / scale), -qmax - 1, qmax).astype(jnp.int8)
+    m, k = xt.shape
+    g = group_size or k
+    xg = xt.reshape(m, k // g, g)
+    scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax, _TINY)
+    codes = jnp.clip(jnp.round(xg / scale), -qmax - 1, qmax).astype(jnp.int8).reshape(m, k)
     xl1 = None
     if l1 is not None:
         xl1 = jnp.dot(xt, l1.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return codes, scale, xl1
+    return codes, scale[..., 0], xl1
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
@@ -87,8 +91,8 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
     Args:
       xq: int8 ``[M, K]`` activation codes.  wq: int8 ``[K, N]`` codes, or uint8
         ``[K, N/2]`` when ``packed`` (int4, see :func:`unpack_int4`).
-      sx: float32 ``[M, 1]`` per-token scale.  sw: float32 ``[1, N]`` per channel or
-        ``[K/G, N]`` per group of G input channels.
+      sx: float32 ``[M, 1]`` per-token scale, or ``[M, K/G]`` per (token, group).
+        sw: float32 ``[1, N]`` per channel or ``[K/G, N]`` per group of G input channels.
       bias: ``[N]``.  xa: ``[M, r]`` (``x' L1``), l2: ``[r, N]`` low-rank up-projection.
       residual: ``[M, N]``.  gate: ``[B, N]`` with ``M % B == 0``: row m uses
         ``gate[m // (M / B)]`` (DiT's per-sample gate over its tokens).
@@ -97,19 +101,24 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
     w = unpack_int4(wq) if packed else wq
     m, k = xq.shape
     n = w.shape[1]
-    groups = sw.shape[0]
+    sx = sx.astype(jnp.float32)
+    sw = sw.astype(jnp.float32)
+    groups = max(sw.shape[0], sx.shape[1])
     g = k // groups
     if groups == 1:
         acc = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * sw.astype(jnp.float32)
-    else:  # exact int32 partial product per group, then its scale (memory O(M N))
+        y = acc.astype(jnp.float32) * sw * sx
+    else:  # exact int32 partial product per group, then its scales (memory O(M N))
+        swg = jnp.broadcast_to(sw, (groups, n))
+        sxg = jnp.broadcast_to(sx, (m, groups))
+
         def body(i, y):
             xg = jax.lax.dynamic_slice_in_dim(xq, i * g, g, axis=1)
             wg = jax.lax.dynamic_slice_in_dim(w, i * g, g, axis=0)
             part = jax.lax.dot_general(xg, wg, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-            return y + part.astype(jnp.float32) * sw[i].astype(jnp.float32)
+            sxi = jax.lax.dynamic_slice_in_dim(sxg, i, 1, axis=1)
+            return y + part.astype(jnp.float32) * swg[i] * sxi
         y = jax.lax.fori_loop(0, groups, body, jnp.zeros((m, n), jnp.float32))
-    y = y * sx.astype(jnp.float32)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     if xa is not None:
@@ -125,8 +134,9 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
 
 def qlinear_forward(x: jax.Array, wq: jax.Array, sw: jax.Array, *, bits: int = 8,
                     packed: bool = False, bias=None, smooth=None, had_block: int = 0,
-                    l1=None, l2=None, out_dtype=jnp.bfloat16) -> jax.Array:
+                    l1=None, l2=None, act_group_size: int = 0, out_dtype=jnp.bfloat16) -> jax.Array:
     """Quantize (fused) then integer GEMM (fused): the composed quantized linear ``[M, K] → [M, N]``."""
-    codes, sx, xl1 = quantize_act(x, bits=bits, smooth=smooth, had_block=had_block, l1=l1)
+    codes, sx, xl1 = quantize_act(x, bits=bits, smooth=smooth, had_block=had_block, l1=l1,
+                                  group_size=act_group_size)
     return int_gemm(codes, wq, sx, sw, bias=bias, xa=xl1, l2=l2 if l1 is not None else None,
                     packed=packed, out_dtype=out_dtype)

@@ -54,7 +54,7 @@ def _pow2_divisor(k: int, cap: int) -> int:
 
 
 # --------------------------------------------------------------------------- quantize
-def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass):
+def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass, grouped):
     it = iter(refs)
     x_ref = next(it)
     s_ref = next(it) if has_smooth else None
@@ -88,6 +88,20 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
         return sweep1_value(kk, load(kk), *carry)
 
     r = l1_ref.shape[1] if has_l1 else 1
+    if grouped:  # one scale per (row, bk-chunk): a single sweep
+        def chunk(kk, acc):
+            x = load(kk)
+            scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True) / qmax, _TINY)
+            sc_ref[:, pl.ds(kk, 1)] = scale
+            q_ref[:, pl.ds(kk * bk, bk)] = jnp.clip(_round_even(x / scale), -qmax - 1, qmax).astype(jnp.int8)
+            if has_l1:
+                acc = acc + jnp.dot(x.astype(jnp.bfloat16), l1_ref[pl.ds(kk * bk, bk), :],
+                                    preferred_element_type=jnp.float32)
+            return acc
+        acc = jax.lax.fori_loop(0, nk, chunk, jnp.zeros((bm, r), jnp.float32))
+        if has_l1:
+            xl1_ref[...] = acc.astype(xl1_ref.dtype)
+        return
     if single_pass:  # every chunk stays in registers (static unroll): X read once
         amax = jnp.zeros((bm, 1), jnp.float32)
         acc = jnp.zeros((bm, r), jnp.float32)
@@ -123,21 +137,26 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
 
 
 def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = None,
-                 had_block: int = 0, l1: Optional[jax.Array] = None, block_m: int = 16,
-                 num_warps: int = 4, num_stages: int = 1, single_pass: bool = False,
+                 had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0,
+                 block_m: int = 16, num_warps: int = 4, num_stages: int = 1, single_pass: bool = False,
                  interpret: bool = False):
     """Fused dynamic per-token activation quantization (see module docstring).
 
     Args:
       x: ``[M, K]`` bf16/f32, ``M % block_m == 0``.  smooth: ``[K]``.  had_block: 0 or a
         power of two ≥ 16 dividing K.  l1: ``[K, r]`` (r ≥ 16), any float dtype.
+      group_size: 0 = one scale per token; G (a power of two ≥ 16 dividing K, and equal
+        to ``had_block`` if both are set) = one scale per token and G channels, in one sweep.
       single_pass: keep the row block's chunks in registers (one read of X; for
         ``block_m · K`` up to ~16K elements per 4 warps) instead of two sweeps over K.
-    Returns: codes int8 ``[M, K]``, scale f32 ``[M, 1]``, ``x' L1`` bf16 ``[M, r]`` (or None).
+    Returns: codes int8 ``[M, K]``, scale f32 ``[M, 1]`` (``[M, K/G]``), ``x' L1`` bf16
+    ``[M, r]`` (or None).
     """
     m, k = x.shape
     qmax = 2 ** (bits - 1) - 1
-    bk = had_block if had_block else _pow2_divisor(k, 512)
+    if group_size and had_block and group_size != had_block:
+        raise ValueError(f"per-group activation scales need had_block == group_size, got {had_block}, {group_size}")
+    bk = group_size or had_block or _pow2_divisor(k, 512)
     assert m % block_m == 0 and k % bk == 0
     args, specs = [x], [pl.BlockSpec((block_m, k), lambda i: (i, 0))]
     if smooth is not None:
@@ -146,8 +165,9 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
     if had_block:
         args.append(jnp.asarray(hadamard_matrix(had_block) * np.sqrt(had_block), jnp.bfloat16))
         specs.append(pl.BlockSpec((had_block, had_block), lambda i: (0, 0)))
-    out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m, 1), jnp.float32)]
-    out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)), pl.BlockSpec((block_m, 1), lambda i: (i, 0))]
+    ns = k // group_size if group_size else 1
+    out_shape = [jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m, ns), jnp.float32)]
+    out_specs = [pl.BlockSpec((block_m, k), lambda i: (i, 0)), pl.BlockSpec((block_m, ns), lambda i: (i, 0))]
     if l1 is not None:
         r = l1.shape[1]
         args.append(l1.astype(jnp.bfloat16))
@@ -156,7 +176,7 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
         out_specs.append(pl.BlockSpec((block_m, r), lambda i: (i, 0)))
     kern = functools.partial(_quant_kernel, k_total=k, bk=bk, qmax=qmax, has_smooth=smooth is not None,
                              has_had=bool(had_block), has_l1=l1 is not None, had_block=had_block,
-                             single_pass=single_pass)
+                             single_pass=single_pass, grouped=bool(group_size))
     outs = pl.pallas_call(kern, grid=(m // block_m,), in_specs=specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret,
                           compiler_params=None if interpret else _params(num_warps, num_stages),
@@ -176,7 +196,7 @@ def _unpack(p):
     return w.astype(jnp.int8)
 
 
-def _gemm_kernel(*refs, k_total, bk, packed, grouped, has_bias, has_lr, has_gate, has_res):
+def _gemm_kernel(*refs, k_total, bk, packed, kmajor, grouped, has_bias, has_lr, has_gate, has_res):
     it = iter(refs)
     x_ref, w_ref, sx_ref, sw_ref = next(it), next(it), next(it), next(it)
     b_ref = next(it) if has_bias else None
@@ -186,15 +206,25 @@ def _gemm_kernel(*refs, k_total, bk, packed, grouped, has_bias, has_lr, has_gate
     o_ref = next(it)
     bm, bn = o_ref.shape
     nk = k_total // bk
+    wk_cols = bk // 2 if packed else bk
+    act_grouped = sx_ref.shape[1] > 1
 
     def body(kk, acc):
         xk = x_ref[:, pl.ds(kk * bk, bk)]
-        wk = w_ref[pl.ds(kk * bk, bk), :]
-        if packed:
-            wk = _unpack(wk)
-        part = jnp.dot(xk, wk, preferred_element_type=jnp.int32)
+        if kmajor:  # w [bn, K] (packed: pairs along K)
+            wk = w_ref[:, pl.ds(kk * wk_cols, wk_cols)]
+            if packed:
+                wk = _unpack(wk)
+            part = jax.lax.dot_general(xk, wk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        else:  # w [K, bn] (packed: pairs along N)
+            wk = w_ref[pl.ds(kk * bk, bk), :]
+            if packed:
+                wk = _unpack(wk)
+            part = jnp.dot(xk, wk, preferred_element_type=jnp.int32)
         if grouped:
-            return acc + part.astype(jnp.float32) * sw_ref[pl.ds(kk, 1), :]
+            part = part.astype(jnp.float32)
+            part = part * (sw_ref[pl.ds(kk, 1), :] if sw_ref.shape[0] > 1 else sw_ref[...])
+            return acc + (part * sx_ref[:, pl.ds(kk, 1)] if act_grouped else part)
         return acc + part
 
     acc0 = jnp.zeros((bm, bn), jnp.float32 if grouped else jnp.int32)
@@ -202,7 +232,8 @@ def _gemm_kernel(*refs, k_total, bk, packed, grouped, has_bias, has_lr, has_gate
     y = acc.astype(jnp.float32)
     if not grouped:
         y = y * sw_ref[...]
-    y = y * sx_ref[...]
+    if not act_grouped:
+        y = y * sx_ref[...]
     if has_bias:
         y = y + b_ref[...].astype(jnp.float32)
     if has_lr:
@@ -215,27 +246,35 @@ def _gemm_kernel(*refs, k_total, bk, packed, grouped, has_bias, has_lr, has_gate
 
 
 def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate=None,
-             packed: bool = False, out_dtype=jnp.bfloat16, block_m: int = 128, block_n: int = 128,
-             block_k: Optional[int] = None, num_warps: int = 8, num_stages: int = 3,
+             packed: bool = False, w_kmajor: bool = False, out_dtype=jnp.bfloat16, block_m: int = 128,
+             block_n: int = 128, block_k: Optional[int] = None, num_warps: int = 8, num_stages: int = 3,
              interpret: bool = False):
     """Integer GEMM with fused epilogue; semantics of :func:`pallas_kernels.reference.int_gemm`.
 
-    Requirements: ``M % block_m == 0``, ``N % block_n == 0``; per-group scales need
-    ``block_k == K / sw.shape[0]``; the gate's tokens per sample ``M / B`` divisible by block_m.
+    ``w_kmajor``: ``wq`` is stored ``[N, K]`` (packed ``[N, K/2]``, pairs along K), the
+    layout of ``QLinear(w_layout="nk")``; else ``[K, N]`` (packed ``[K, N/2]``).
+    ``sx`` ``[M, 1]`` per token or ``[M, K/G]`` per (token, group); ``sw`` ``[1, N]`` or ``[K/G, N]``.
+    Requirements: ``M % block_m == 0``, ``N % block_n == 0``; group scales make ``block_k``
+    the group size; the gate's tokens per sample ``M / B`` divisible by block_m.
     """
     m, k = xq.shape
-    n = wq.shape[1] * (2 if packed else 1)
-    groups = sw.shape[0]
+    if w_kmajor:
+        n = wq.shape[0]
+    else:
+        n = wq.shape[1] * (2 if packed else 1)
+    groups = max(sw.shape[0], sx.shape[1])
     grouped = groups > 1
     bk = (k // groups) if grouped else (block_k or _pow2_divisor(k, 128))
     block_m, block_n = min(block_m, m), min(block_n, n)
     assert m % block_m == 0 and n % block_n == 0 and k % bk == 0, (m, n, k, block_m, block_n, bk)
-    wbn = block_n // 2 if packed else block_n
     args = [xq, wq, sx.astype(jnp.float32), sw.astype(jnp.float32)]
-    specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)),
-             pl.BlockSpec((k, wbn), lambda i, j: (0, j)),
-             pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
-             pl.BlockSpec((groups, block_n), lambda i, j: (0, j))]
+    if w_kmajor:
+        w_spec = pl.BlockSpec((block_n, wq.shape[1]), lambda i, j: (j, 0))
+    else:
+        w_spec = pl.BlockSpec((k, block_n // 2 if packed else block_n), lambda i, j: (0, j))
+    specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), w_spec,
+             pl.BlockSpec((block_m, sx.shape[1]), lambda i, j: (i, 0)),
+             pl.BlockSpec((sw.shape[0], block_n), lambda i, j: (0, j))]
     if bias is not None:
         args.append(bias.reshape(1, n))
         specs.append(pl.BlockSpec((1, block_n), lambda i, j: (0, j)))
@@ -252,8 +291,8 @@ def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate
     if residual is not None:
         args.append(residual)
         specs.append(pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)))
-    kern = functools.partial(_gemm_kernel, k_total=k, bk=bk, packed=packed, grouped=grouped,
-                             has_bias=bias is not None, has_lr=xa is not None,
+    kern = functools.partial(_gemm_kernel, k_total=k, bk=bk, packed=packed, kmajor=w_kmajor,
+                             grouped=grouped, has_bias=bias is not None, has_lr=xa is not None,
                              has_gate=gate is not None, has_res=residual is not None)
     return pl.pallas_call(
         kern, grid=(m // block_m, n // block_n), in_specs=specs,

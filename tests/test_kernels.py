@@ -124,17 +124,69 @@ def test_w4_packed_gemm_kernel_vs_reference(group):
     _close_bf16(got, want)
 
 
-def test_mosaic_gemm_lowers_for_cuda():
+def test_mosaic_ws_variants_lower_for_cuda():
+    """int4 weights, per-group scales and the fused low-rank branch trace to Mosaic GPU IR."""
     mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
     S = jax.ShapeDtypeStruct
-    f = lambda x, w, sx, sw, b, xa, l2: mk.int8_gemm(x, w, sx, sw, bias=b, xa=xa, l2=l2)
-    txt = jax.jit(f).trace(S((256, 256), jnp.int8), S((128, 256), jnp.int8), S((256,), jnp.float32),
-                           S((128,), jnp.float32), S((128,), jnp.float32), S((256, 32), jnp.bfloat16),
-                           S((32, 128), jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in txt
+    m, k, n = 256, 512, 512
+    f32, bf = jnp.float32, jnp.bfloat16
+    cases = [  # (weight dtype, sx shape, sw shape, low rank)
+        (jnp.int4, (m,), (n,), False), (jnp.int4, (m, k // 64), (k // 64, n), True),
+        (jnp.int8, (m, k // 128), (k // 128, n), False), (jnp.int8, (m,), (n,), True)]
+    for wdt, sxs, sws, lr in cases:
+        def f(x, w, sx, sw, b, xa, l2):
+            return mk.int8_gemm_ws(x, w, sx, sw, bias=b, xa=xa if lr else None, l2=l2 if lr else None)
+        txt = jax.jit(f).trace(S((m, k), jnp.int8), S((n, k), wdt), S(sxs, f32), S(sws, f32), S((n,), f32),
+                               S((m, 32), bf), S((32, n), bf)).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu" in txt
+    with pytest.raises(ValueError, match="group size"):
+        mk.int8_gemm_ws(jnp.zeros((m, k), jnp.int8), jnp.zeros((n, k), jnp.int8), jnp.ones((m, 16)),
+                        jnp.ones((n,)))
 
 
-def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True):
+@pytest.mark.parametrize("had", [0, 64])
+def test_quantize_kernel_per_group_scales(had):
+    k = _keys(60 + had, 3)
+    x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
+    smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
+    l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
+    q, s, xl1 = tk.quantize_act(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64, interpret=True)
+    q0, s0, xl10 = ref.quantize_act(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64)
+    assert s.shape == s0.shape == (M, K // 64)
+    # the reference's per-group scale is each group's absmax / 7 (float64 check)
+    xt = _f32(ref.transform_input(x, smooth, had))
+    np.testing.assert_allclose(_f32(s0), np.abs(xt.reshape(M, K // 64, 64)).max(-1) / 7, rtol=1e-6)
+    d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
+    assert np.asarray(q).min() >= -8 and np.asarray(q).max() <= 7
+    if had:
+        assert d.max() <= 1 and (d > 0).mean() < 2e-3
+        assert np.abs(_f32(s) - _f32(s0)).max() / np.abs(_f32(s0)).max() < 1e-4
+    else:
+        assert d.max() == 0 and np.array_equal(np.asarray(s), np.asarray(s0))
+    assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
+
+
+@pytest.mark.parametrize("kmajor,packed", [(False, False), (True, False), (True, True), (False, True)])
+def test_gemm_per_token_group_scales_and_kmajor(kmajor, packed):
+    """W4A4 with one scale per (token, 64 channels) and per (64 channels, column), weights
+    stored [K, N] or K-major [N, K]; the reference equals the float64 product of the
+    dequantized operands, the kernel equals the reference."""
+    k = _keys(70, 4)
+    xq = jax.random.randint(k[0], (M, K), -8, 8).astype(jnp.int8)
+    w = jax.random.randint(k[1], (K, N), -8, 8).astype(jnp.int8)
+    sx = jax.random.uniform(k[2], (M, K // 64), minval=1e-3, maxval=2e-2)
+    sw = jax.random.uniform(k[3], (K // 64, N), minval=1e-3, maxval=2e-2)
+    want = ref.int_gemm(xq, w, sx, sw, out_dtype=jnp.float32)
+    xf = (np.asarray(xq, np.float64).reshape(M, K // 64, 64) * _f32(sx)[..., None]).reshape(M, K)
+    wf = (np.asarray(w, np.float64).reshape(K // 64, 64, N) * _f32(sw)[:, None, :]).reshape(K, N)
+    np.testing.assert_allclose(_f32(want), xf @ wf, rtol=1e-5, atol=1e-6)
+    wq = w.T if kmajor else w
+    wq = pack_int4(wq) if packed else wq
+    got = tk.int_gemm(xq, wq, sx, sw, packed=packed, w_kmajor=kmajor, block_m=16, block_n=32, interpret=True)
+    _close_bf16(got, want)
+
+
+def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True, act_group=0):
     k = _keys(seed, 6)
     w = jax.random.normal(k[0], (K, N)) / math.sqrt(K)
     codes, s, _ = quantize_weight(w, w_spec)
@@ -144,18 +196,26 @@ def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=Tr
         smooth=jax.random.uniform(k[2], (K,), minval=0.5, maxval=2.0) if smooth else None,
         lowrank_a=jax.random.normal(k[3], (K, R)) / math.sqrt(K) if lowrank else None,
         lowrank_b=jax.random.normal(k[4], (R, N)) * 0.1 if lowrank else None,
-        w_spec=w_spec, act_spec=QuantSpec(bits=bits, granularity="token"), packed=packed, impl="int",
+        w_spec=w_spec, packed=packed, impl="int",
+        act_spec=QuantSpec(bits=bits, granularity="group", group_size=act_group) if act_group
+        else QuantSpec(bits=bits, granularity="token"),
         had_block=had)
 
 
-@pytest.mark.parametrize("case", ["w8a8", "w8a8_had", "w4a8_group", "w4a4_channel"])
+@pytest.mark.parametrize("case", ["w8a8", "w8a8_had", "w4a8_group", "w4a4_channel", "w4a4_group_nk",
+                                  "w8a8_nk"])
 def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
     """The kernel composition qlinear_apply runs on a GPU, forced onto the interpret path."""
+    g64 = QuantSpec(4, granularity="group", group_size=64)
     cfg = {"w8a8": dict(w_spec=QuantSpec(8, granularity="channel")),
            "w8a8_had": dict(w_spec=QuantSpec(8, granularity="channel"), had=32),
-           "w4a8_group": dict(w_spec=QuantSpec(4, granularity="group", group_size=64), packed=True),
-           "w4a4_channel": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True, bits=4)}[case]
+           "w4a8_group": dict(w_spec=g64, packed=True),
+           "w4a4_channel": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True, bits=4),
+           "w4a4_group_nk": dict(w_spec=g64, packed=True, bits=4, act_group=64),  # SVDQuant's W4A4
+           "w8a8_nk": dict(w_spec=QuantSpec(8, granularity="channel"))}[case]
     q = _qlinear(30, **cfg)
+    if case.endswith("_nk"):
+        q = q.to_layout("nk")
     x = jax.random.normal(jax.random.key(31), (2, 16, K)).astype(jnp.bfloat16)
     want = q.replace(impl="fake")(x.astype(jnp.float32))
     monkeypatch.setattr(ops, "on_gpu", lambda: True)
@@ -201,3 +261,38 @@ def test_mosaic_ws_gemm_lowers_for_cuda():
                                S((n,), jnp.float32), S((n,), jnp.float32)).lower(
                                    lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in txt
+
+
+def test_kernel_supported_group_rules():
+    g64 = QuantSpec(4, granularity="group", group_size=64)
+    q = QLinear(qweight=jnp.zeros((256, 128), jnp.uint8), w_scale=jnp.ones((4, 256)), w_spec=g64,
+                act_spec=QuantSpec(4, granularity="group", group_size=64), packed=True, w_layout="nk")
+    assert (q.in_features, q.out_features) == (256, 256) and ops.kernel_supported(q)
+    assert not ops.kernel_supported(q.replace(act_spec=QuantSpec(4, granularity="group", group_size=128)))
+    assert not ops.kernel_supported(q.replace(had_block=32))  # Hadamard block must equal the act group
+    assert ops.kernel_supported(q.replace(had_block=64))
+
+
+def test_use_kernels_keeps_outputs_and_checkpoint(tmp_path):
+    """use_kernels: impl='kernel' + K-major codes; same outputs; saved and reloaded as such."""
+    from jaxdq import checkpoint
+    from jaxdq.quant.rules import LayerQuant, quantize_linear, use_kernels
+
+    w = jax.random.normal(jax.random.key(80), (128, 256)) / 12
+    x = jax.random.normal(jax.random.key(81), (8, 128))
+    g64 = QuantSpec(4, granularity="group", group_size=64)
+    for cfg in (LayerQuant(weight=QuantSpec(8, granularity="channel"), act=QuantSpec(8, granularity="token")),
+                LayerQuant(weight=g64, act=QuantSpec(4, granularity="group", group_size=64), pack=True)):
+        q = quantize_linear({"kernel": w}, cfg)
+        p = use_kernels({"blk": {"fc": {"qlinear": q}}})
+        qk = p["blk"]["fc"]["qlinear"]
+        assert qk.impl == "kernel" and qk.w_layout == "nk"
+        assert qk.qweight.shape == ((256, 64) if cfg.pack else (256, 128))
+        assert np.array_equal(np.asarray(qk.weight_codes()), np.asarray(q.weight_codes()))
+        assert np.array_equal(np.asarray(qk.to_layout("kn").qweight), np.asarray(q.qweight))
+        np.testing.assert_allclose(np.asarray(qk(x)), np.asarray(q(x)), rtol=1e-5, atol=1e-5)
+        path = checkpoint.save(tmp_path / f"c{int(cfg.pack)}", p, metadata={"method": "t"})
+        back, _ = checkpoint.load(path)
+        qb = back["blk"]["fc"]["qlinear"]
+        assert qb.w_layout == "nk" and qb.impl == "kernel"
+        assert np.array_equal(np.asarray(qb.qweight), np.asarray(qk.qweight))

@@ -32,6 +32,7 @@ from jaxdq.quant.quantizer import (
     QuantSpec,
     dequantize,
     fake_quant,
+    pack_int4,
     quantize,
     quantize_activation,
     unpack_int4,
@@ -44,7 +45,10 @@ class QLinear:
 
     Array fields (pytree children):
       qweight: int8 ``[C_in, C_out]`` codes (uint8 if asymmetric), or uint8
-        ``[C_in, C_out // 2]`` when ``packed`` (two 4-bit codes per byte along C_out).
+        ``[C_in, C_out // 2]`` when ``packed`` (two 4-bit codes per byte along C_out,
+        element 2i in the low nibble).  With ``w_layout="nk"`` the same codes are stored
+        transposed: ``[C_out, C_in]``, packed ``[C_out, C_in // 2]`` (pairs along C_in):
+        the K-major layout the GPU kernels read without a per-call transpose.
       w_scale: float32, ``[1, C_out]`` (channel), ``[C_in // G, C_out]`` (group) or ``[]``.
       w_zero: like ``w_scale`` for asymmetric weights, else None.
       bias: ``[C_out]`` or None.
@@ -58,6 +62,8 @@ class QLinear:
       w_spec: the weight QuantSpec; act_spec: activation QuantSpec or None (float activations);
       packed: int4 packing; impl: "fake" (reference), "int" or "kernel";
       had_block: block size of the online input Hadamard rotation (0 = none).
+      w_layout: "kn" (``qweight`` is ``[C_in, C_out]``) or "nk" (``[C_out, C_in]``,
+        see :meth:`to_layout`).
     """
 
     qweight: jax.Array
@@ -75,24 +81,41 @@ class QLinear:
     packed: bool = struct.field(pytree_node=False, default=False)
     impl: str = struct.field(pytree_node=False, default="fake")
     had_block: int = struct.field(pytree_node=False, default=0)
+    w_layout: str = struct.field(pytree_node=False, default="kn")
 
     @property
     def in_features(self) -> int:
+        if self.w_layout == "nk":
+            return self.qweight.shape[1] * (2 if self.packed else 1)
         return self.qweight.shape[0]
 
     @property
     def out_features(self) -> int:
+        if self.w_layout == "nk":
+            return self.qweight.shape[0]
         return self.qweight.shape[1] * (2 if self.packed else 1)
+
+    def to_layout(self, layout: str) -> "QLinear":
+        """The same layer with ``qweight`` stored as ``layout`` ("kn" or "nk"); the
+        function it computes is unchanged (only the codes' storage order moves)."""
+        if layout not in ("kn", "nk"):
+            raise ValueError(f"w_layout must be 'kn' or 'nk', got {layout!r}")
+        if layout == self.w_layout:
+            return self
+        codes = self.weight_codes()  # [C_in, C_out]
+        out = codes.T if layout == "nk" else codes
+        if self.packed:
+            out = pack_int4(out)
+        return self.replace(qweight=out, w_layout=layout)
 
     @property
     def act_static(self) -> bool:
         return self.act_scale is not None
 
     def weight_codes(self) -> jax.Array:
-        """Unpacked integer codes ``[C_in, C_out]``."""
-        if self.packed:
-            return unpack_int4(self.qweight, signed=self.w_spec.symmetric)
-        return self.qweight
+        """Unpacked integer codes ``[C_in, C_out]`` (whatever the storage layout)."""
+        codes = unpack_int4(self.qweight, signed=self.w_spec.symmetric) if self.packed else self.qweight
+        return codes.T if self.w_layout == "nk" else codes
 
     def dequantized_weight(self) -> jax.Array:
         """float32 ``[C_in, C_out]`` weight the layer effectively uses."""

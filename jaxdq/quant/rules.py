@@ -226,3 +226,23 @@ def summarize(params: Params) -> list[dict]:
             nb = int(np.prod(shape)) * layer["kernel"].dtype.itemsize
         rows.append({"path": path, "shape": shape, "bits": label, "weight_bytes": nb})
     return rows
+
+
+def use_kernels(params: Params, *, layout: str = "nk") -> Params:
+    """Every quantized linear (also inside timestep :class:`~jaxdq.quant.timestep.Segmented`
+    nodes) set to ``impl="kernel"`` with its codes stored in ``layout``.
+
+    ``impl="kernel"`` runs :func:`pallas_kernels.ops.qlinear_apply`: the Pallas GPU
+    kernels on a CUDA backend, the layer's own reference elsewhere.  "nk" stores the
+    codes K-major (``[C_out, C_in]``), as the Hopper wgmma kernels read them, so no
+    weight transpose happens per call.  Same outputs as before, up to the kernels'
+    bf16 rounding.
+    """
+    import jax
+
+    def conv(node):
+        if isinstance(node, QLinear):
+            return node.to_layout(layout).replace(impl="kernel")
+        return node
+
+    return jax.tree_util.tree_map(conv, params, is_leaf=lambda n: isinstance(n, QLinear))
