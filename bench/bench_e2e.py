@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -40,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_models import setup  # noqa: E402
+from bench.bench_models import setup, time_step  # noqa: E402
 
 BF16 = jnp.bfloat16
 METHODS = ("bf16", "w8a8", "w4a8", "w8a8-xla", "svdquant-w4a4", "svdquant-w4a4-unfused")
@@ -152,27 +151,16 @@ def main():
     leaves = jax.tree_util.tree_leaves(params)
     wbytes = int(sum(l.size * l.dtype.itemsize for l in leaves))
 
-    def stepf(p, x, t):
-        return step(p, x, t)
-
     if args.method.startswith("svdquant"):
         # the fused/unfused low-rank choice is a module constant read at trace time
         ops.FUSE_LOWRANK_HOPPER = fuse
-    f = jax.jit(stepf)
+    f = jax.jit(step)
     t = jnp.full((1,), 500, jnp.int32)
-    t0 = time.time()
-    out = jax.block_until_ready(f(params, x, t))
-    compile_s = time.time() - t0
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params, x, t))
-        times.append(time.perf_counter() - t0)
-    stats = jax.devices()[0].memory_stats() or {}
+    out, compile_s, times, peak = time_step(f, params, x, t, args.reps)
     row = {"model": args.model, "method": args.method, "step_ms_median": round(1e3 * float(np.median(times)), 3),
            "step_ms_min": round(1e3 * min(times), 3), "compile_s": round(compile_s, 1),
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
-           "peak_device_bytes": stats.get("peak_bytes_in_use"), "out_finite": bool(jnp.isfinite(out).all()),
+           "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"

@@ -106,6 +106,21 @@ def setup(name: str, batch: int, make_params=random_params):
     raise ValueError(f"unknown model {name}")
 
 
+def time_step(f, params, x, t, reps):
+    """Compile + run the jitted step once, then ``reps`` timed calls.
+    Returns ``(out, compile_s, times_s, peak_device_bytes)``."""
+    t0 = time.time()
+    out = jax.block_until_ready(f(params, x, t))
+    compile_s = time.time() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(params, x, t))
+        times.append(time.perf_counter() - t0)
+    stats = jax.devices()[0].memory_stats() or {}
+    return out, compile_s, times, stats.get("peak_bytes_in_use")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -118,21 +133,12 @@ def main():
     jax.block_until_ready(params)
     build = time.time() - t0
     wbytes = int(sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(params)))
-    f = jax.jit(step)
     t = jnp.full((args.batch,), 500, jnp.int32)
-    t0 = time.time()
-    jax.block_until_ready(f(params, x, t))
-    compile_s = time.time() - t0
-    times = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params, x, t))
-        times.append(time.perf_counter() - t0)
-    stats = jax.devices()[0].memory_stats() or {}
+    _, compile_s, times, peak = time_step(jax.jit(step), params, x, t, args.reps)
     row = {"model": args.model, "dtype": "bfloat16", "batch_images": args.batch,
            "step_ms_median": round(1e3 * float(np.median(times)), 3), "step_ms_min": round(1e3 * min(times), 3),
            "compile_s": round(compile_s, 1), "weights_build_s": round(build, 1), "weight_bytes": wbytes,
-           "peak_device_bytes": stats.get("peak_bytes_in_use"), "device": str(jax.devices()[0]),
+           "peak_device_bytes": peak, "device": str(jax.devices()[0]),
            "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_models.py --model {args.model} --batch {args.batch} --out OUT"}
     print(json.dumps(row), flush=True)

@@ -8,9 +8,13 @@ operands K-major in shared memory, so the weight comes K-major, ``wt = W^T [N, K
 ``plgpu.transpose_ref``.  Fused epilogue in registers: scales, bias, the low-rank
 up-projection (second wgmma, bf16); then bf16 through shared memory and TMA stores.
 
-Mosaic GPU kernels do not run in interpret mode on CPU in jax 0.10/0.11; they are
-checked against :mod:`pallas_kernels.reference` on the GPU by ``bench/bench_kernels.py``
-(``rel_err_vs_ref`` per row); the CPU tests only trace them to Mosaic GPU IR.
+On CPU the kernel runs in jax's Mosaic GPU interpreter (``interpret=gpu_interpret_params()``,
+small shapes): the CPU tests compare it with :mod:`pallas_kernels.reference`.  The
+interpreter has no rule for ``plgpu.load`` or for transposed wgmma operands, so in
+interpret mode those two steps are a plain ref read and an explicit SMEM transpose;
+everything else (pipeline, persistent loop, int4 → int8, group scales, low-rank wgmma,
+epilogue stores) is the code the GPU runs.  On the GPU, ``bench/bench_kernels.py``
+checks every row against the reference (``rel_err_vs_ref``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
+def gpu_interpret_params():
+    """``interpret=`` value that runs these kernels in jax's Mosaic GPU interpreter on CPU
+    (jax ≥ 0.10: simulated SMEM, barriers, TMA and wgmma), or None if this jax has none."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except Exception:  # pragma: no cover
+        return None
+    return InterpretGPUParams()
+
+
 def _transforms(minor_elems: int, bits: int):
     swizzle = plgpu.find_swizzle(minor_elems * bits)
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
@@ -31,7 +45,8 @@ def _transforms(minor_elems: int, bits: int):
 def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.bfloat16,
                  tile_m: int = 128, tile_n: int | None = None, tile_k: int | None = None,
                  max_concurrent_steps: int = 4, epi_tile_n: int = 64, epi_tile_m: int = 64,
-                 grid_tile_width: int = 8, wg_dim: str = "auto"):
+                 grid_tile_width: int = 8, wg_dim: str = "auto", num_sms: int | None = None,
+                 interpret=None):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
     ``bf16 [M, N] = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``
@@ -96,6 +111,13 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
     shape = (tile_m, tile_n)
 
+    def vec_load(ref, reduced_dim, gmem=False):
+        """A row/column vector of scales or bias in the layout that broadcasts over the
+        WGMMA accumulator.  (The GPU interpreter has no rule for ``plgpu.load``.)"""
+        if interpret:
+            return ref[...]
+        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
+
     def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, out_gmem):
         specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
                                  memory_space=plgpu.SMEM, delay_release=1),
@@ -125,8 +147,10 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
             if has_lr else None,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
             w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 else None,
+            tr_smem=(plgpu.SMEM((2, tile_k, tile_n), jnp.int8), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
+            if interpret else None,
             collective_axes="wg")
-        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem):
+        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem, tr_smem):
             wg = lax.axis_index("wg")
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
@@ -143,8 +167,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                 def epilogue(y):
                     """f32 ``y [tile_m, tile_n]`` (scales applied) → + bias + low rank → HBM."""
                     if has_bias:
-                        bcol = plgpu.load(b_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                                          optimized=False)
+                        bcol = vec_load(b_gmem.at[cn].at[wn], 0, gmem=True)
                         y = y + lax.broadcast_in_dim(bcol, shape, [1])
                     if has_lr:
                         plgpu.barrier_wait(lr_bar.at[2 * wg])
@@ -152,8 +175,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
 
                         @functools.partial(pl.run_scoped, lr_ref=plgpu.ACC(shape, jnp.float32))
                         def _lr(lr_ref):
-                            plgpu.wgmma(lr_ref, lr_smem[0].at[wg],
-                                        plgpu.transpose_ref(lr_smem[1].at[wg], (1, 0)))
+                            plgpu.wgmma(lr_ref, lr_smem[0].at[wg], k_by_n(lr_smem[1].at[wg], 1))
                             plgpu.wgmma_wait(0)
                             return lr_ref[...]
                         y = y + _lr
@@ -170,6 +192,15 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                             plgpu.copy_smem_to_gmem(
                                 out_smem.at[wg, slot], out_gmem.at[cm, cn].at[wm, wn].at[es_m, es_n])
 
+                def k_by_n(ref_nk, which):
+                    """A K-major ``[n, k]`` SMEM operand as wgmma's ``[k, n]`` B operand."""
+                    if not interpret:
+                        return plgpu.transpose_ref(ref_nk, (1, 0))
+                    # the GPU interpreter's wgmma takes no transposed refs: an explicit copy
+                    dst = tr_smem[which].at[wg]
+                    dst[...] = ref_nk[...].T
+                    return dst
+
                 def start_lowrank_loads():
                     if has_lr:  # issue the low-rank tiles' loads before the main loop
                         plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], lr_smem[0].at[wg], lr_bar.at[2 * wg])
@@ -183,7 +214,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                         dst[...] = b[...].astype(jnp.int8)
                         plgpu.commit_smem()
                         b = dst
-                    return plgpu.transpose_ref(b, (1, 0))
+                    return k_by_n(b, 0)
 
                 if not grouped:
                     def compute_context(eval_pipeline):
@@ -191,10 +222,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                         def _acc_scope(acc_ref):
                             start_lowrank_loads()
                             eval_pipeline(acc_ref)
-                            srow = plgpu.load(sx_gmem.at[cm].at[wm], (), layout=plgpu.Layout.WGMMA.reduce(1),
-                                              optimized=False)
-                            scol = plgpu.load(sw_gmem.at[cn].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0),
-                                              optimized=False)
+                            srow = vec_load(sx_gmem.at[cm].at[wm], 1, gmem=True)
+                            scol = vec_load(sw_gmem.at[cn].at[wn], 0, gmem=True)
                             y = acc_ref[...].astype(jnp.float32)
                             y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
                             epilogue(y)
@@ -209,7 +238,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                 else:
                     def compute_context(eval_pipeline):
                         start_lowrank_loads()
-                        y0 = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+                        y0 = jnp.zeros(shape, jnp.float32)
+                        if not interpret:  # (no interpreter rule for layout_cast)
+                            y0 = plgpu.layout_cast(y0, plgpu.Layout.WGMMA)
                         epilogue(eval_pipeline(y0))
 
                     def mma_body(idx, a_smem, b_smem, sx_smem, sw_smem, y):
@@ -218,8 +249,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                             plgpu.wgmma(part_ref, a_smem.at[wm], weight_operand(idx[0], b_smem))
                             plgpu.wgmma_wait(0)
                             return part_ref[...]
-                        srow = plgpu.load(sx_smem.at[0].at[wm], (), layout=plgpu.Layout.WGMMA.reduce(1))
-                        scol = plgpu.load(sw_smem.at[0].at[wn], (), layout=plgpu.Layout.WGMMA.reduce(0))
+                        srow = vec_load(sx_smem.at[0].at[wm], 1)
+                        scol = vec_load(sw_smem.at[0].at[wn], 0)
                         return y + (part.astype(jnp.float32) * lax.broadcast_in_dim(srow, shape, [0])
                                     * lax.broadcast_in_dim(scol, shape, [1]))
 
@@ -229,11 +260,12 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    num_sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+    if num_sms is None:
+        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
     b = bias.astype(jnp.float32) if has_bias else jnp.zeros((n,), jnp.float32)
     f = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_sms,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
+        num_threads=3, thread_name="wg", interpret=interpret,
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup))
     if has_lr:
         xa_in, l2t_in = xa.astype(jnp.bfloat16), l2.T.astype(jnp.bfloat16)  # L2^T [N, r]
