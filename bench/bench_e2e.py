@@ -40,14 +40,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_models import setup, time_step  # noqa: E402
+from jaxdq.quant.rules import is_float_linear  # noqa: E402
 
 BF16 = jnp.bfloat16
 METHODS = ("bf16", "w8a8", "w4a8", "w8a8-xla", "svdquant-w4a4", "svdquant-w4a4-unfused")
 ARCH_OF = {"dit-xl2-256": "dit", "pixart-sigma-1024": "pixart", "flux1-dev-1024": "flux"}
-
-
-def _is_linear_shape(node) -> bool:
-    return isinstance(node, dict) and "kernel" in node and len(getattr(node["kernel"], "shape", ())) == 2
 
 
 def build_params(shapes, key, convert, std=0.02):
@@ -62,7 +59,7 @@ def build_params(shapes, key, convert, std=0.02):
         return gen(jax.random.fold_in(key, counter[0]), tuple(shape))
 
     def walk(node, path):
-        if _is_linear_shape(node):
+        if is_float_linear(node):  # also true of a ShapeDtypeStruct tree's linears
             layer = {k: draw(v.shape) for k, v in node.items()}
             out = convert(path, layer)
             jax.block_until_ready(out)

@@ -43,6 +43,15 @@ from jaxdq.nn import Linear
 FREQ_EMBED_DIM = 256  # width of the timestep sinusoid (DiT's frequency_embedding_size)
 
 
+def check_transformer_dims(hidden_size: int, num_heads: int) -> None:
+    """ValueError unless ``hidden_size`` splits into ``num_heads`` heads and into the four
+    quarters of the 2D sin-cos position embedding (DiT, PixArt, Latte configs)."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size={hidden_size} is not divisible by num_heads={num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size={hidden_size} must be divisible by 4 (2D sin-cos pos embed)")
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """DiT hyper-parameters (defaults: DiT-XL/2 on 256² images, i.e. 32² latents).
@@ -80,10 +89,7 @@ class DiTConfig:
     mlp_norm_eps: Optional[float] = None
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2D sin-cos pos embed)")
+        check_transformer_dims(self.hidden_size, self.num_heads)
 
     @property
     def out_channels(self) -> int:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.models.dit import _sincos_1d, unpatchify
+from jaxdq.models.dit import _sincos_1d, check_transformer_dims, unpatchify
 from jaxdq.models.pixart import (AdaLNSingle, CaptionProjection, FinalLayer, PixArtBlock,
                                  _unsupported_diffusers_settings, block_roles, embed_patches, mask_to_bias)
 
@@ -71,10 +71,7 @@ class LatteConfig:
     max_text_tokens: int = 120
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2D sin-cos pos embed)")
+        check_transformer_dims(self.hidden_size, self.num_heads)
 
     @property
     def mlp_hidden(self) -> int:

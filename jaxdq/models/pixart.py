@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.models.dit import Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, layer_norm, patchify, unpatchify
+from jaxdq.models.dit import (Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, check_transformer_dims, layer_norm,
+                              patchify, unpatchify)
 from jaxdq.nn import Linear
 
 MASK_BIAS = -10000.0  # additive attention bias of a dropped text token (diffusers and PixArt)
@@ -94,10 +95,7 @@ class PixArtConfig:
     max_text_tokens: int = 300
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size={self.hidden_size} must be divisible by 4 (2D sin-cos pos embed)")
+        check_transformer_dims(self.hidden_size, self.num_heads)
         if self.use_additional_conditions and self.hidden_size % 3:
             raise ValueError(f"use_additional_conditions needs hidden_size divisible by 3, got {self.hidden_size}")
         if self.caption_channels is None and self.cross_attention_dim is None:
