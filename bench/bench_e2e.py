@@ -88,29 +88,34 @@ def make_converter(method: str, arch_name: str, key, roles):
         bits = {"w8a8": 8, "w8a8-xla": 8, "w4a8": 4}[method]
         rules = keep + [Rule(".*", dynamic_cfg(bits, 8, impl="int"))]
     counter = [0]
+    jitted: dict = {}  # (rule, shape) → the jitted quantizer: eager ops would dispatch one by one
 
-    def convert(path, layer):
-        rule = next((r for r in rules if r.matches(path, roles.get(path))), None)
-        if rule is None or rule.config is None:
-            return layer
-        f32 = {k: v.astype(jnp.float32) for k, v in layer.items()}
+    def quantize(layer, k, config):
+        f32 = {name: v.astype(jnp.float32) for name, v in layer.items()}
         if method.startswith("svdquant"):
             c_in, c_out = f32["kernel"].shape
-            cfg = fit_config(rule.config, c_in, c_out)
+            cfg = fit_config(config, c_in, c_out)
             q = quantize_weight_layer(f32, cfg, jnp.float16 if cfg.act is None else None)
             if cfg.act is not None:
-                counter[0] += 1
-                k1, k2, k3 = jax.random.split(jax.random.fold_in(key, counter[0]), 3)
+                k1, k2, k3 = jax.random.split(k, 3)
                 q = q.replace(
                     smooth=jax.random.uniform(k1, (c_in,), minval=0.5, maxval=2.0),
                     lowrank_a=(jax.random.normal(k2, (c_in, 32)) / np.sqrt(c_in)).astype(jnp.float16),
                     lowrank_b=(jax.random.normal(k3, (32, c_out)) * 0.02).astype(jnp.float16))
         else:
-            q = quantize_linear(f32, rule.config)
+            q = quantize_linear(f32, config)
         node = {"qlinear": q}
-        if method == "w8a8-xla":
-            return node
-        return use_kernels(node)
+        return node if method == "w8a8-xla" else use_kernels(node)
+
+    def convert(path, layer):
+        i, rule = next(((i, r) for i, r in enumerate(rules) if r.matches(path, roles.get(path))), (None, None))
+        if rule is None or rule.config is None:
+            return layer
+        sig = (i, tuple((name, v.shape) for name, v in sorted(layer.items())))
+        if sig not in jitted:
+            jitted[sig] = jax.jit(lambda l, k, c=rule.config: quantize(l, k, c))
+        counter[0] += 1
+        return jitted[sig](layer, jax.random.fold_in(key, counter[0]))
 
     return convert
 
@@ -132,36 +137,51 @@ def main():
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--attention", default="float32", choices=("float32", "cudnn", "xla"),
+                    help="attention implementation of the model (jaxdq.models.attention)")
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
+    ap.add_argument("--weights-only", action="store_true",
+                    help="build the quantized tree and record its bytes; no step (runs anywhere)")
     args = ap.parse_args()
     from pallas_kernels import ops
 
     t0 = time.time()
     key = jax.random.PRNGKey(0)
     # the model's float structure (shapes only), its step function and layer roles
-    shapes, step, x, roles = setup(args.model, 1, make_params=lambda init_fn, k: jax.eval_shape(init_fn, k))
+    shapes, step, x, roles = setup(args.model, 1, make_params=lambda init_fn, k: jax.eval_shape(init_fn, k),
+                                   attention=args.attention)
     fuse = not args.method.endswith("-unfused")
     convert = make_converter(args.method.replace("-unfused", ""), ARCH_OF[args.model], key, roles)
     params = build_params(shapes, key, convert)
     jax.block_until_ready(params)
     build_s = time.time() - t0
+    print(f"built in {build_s:.1f} s", file=sys.stderr, flush=True)  # progress: a timeout says where
     leaves = jax.tree_util.tree_leaves(params)
     wbytes = int(sum(l.size * l.dtype.itemsize for l in leaves))
 
+    if args.weights_only:
+        row = {"model": args.model, "method": args.method, "weight_bytes": wbytes, "build_s": round(build_s, 1),
+               "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+               "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"}
+        print(json.dumps(row), flush=True)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return
     if args.method.startswith("svdquant"):
         # the fused/unfused low-rank choice is a module constant read at trace time
         ops.FUSE_LOWRANK_HOPPER = fuse
     f = jax.jit(step)
     t = jnp.full((1,), 500, jnp.int32)
     out, compile_s, times, peak = time_step(f, params, x, t, args.reps)
-    row = {"model": args.model, "method": args.method, "step_ms_median": round(1e3 * float(np.median(times)), 3),
+    print(f"compiled in {compile_s:.1f} s, step {1e3 * float(np.median(times)):.3f} ms", file=sys.stderr, flush=True)
+    row = {"model": args.model, "method": args.method, "attention": args.attention, "step_ms_median": round(1e3 * float(np.median(times)), 3),
            "step_ms_min": round(1e3 * min(times), 3), "compile_s": round(compile_s, 1),
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
-                      + (" --profile" if args.profile else "")}
+                      + f" --attention {args.attention}" + (" --profile" if args.profile else "")}
     if args.profile:
         try:
             from jax.experimental.mosaic.gpu import profiler

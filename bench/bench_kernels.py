@@ -151,6 +151,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
             a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll)), (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w8a8_lr32_inacc"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, lr_in_acc=True)), (xq, wt, sx, sw, bias, xl1, l2))
         variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
             ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
@@ -180,6 +182,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         refs["w4a4lr"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
               "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
+              "mgpu_ws_w8a8_lr32_inacc": "w8lr",
               "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_g64": "w4",
               "mgpu_ws_w4a4_g64": "w4a4", "mgpu_ws_w4a4_g64_lr32_fused": "w4a4lr",
               "mgpu_ws_w4a4_g64_xla_lr32": "w4a4lr", "triton_w4a4_g64_lr32": "w4a4lr"}

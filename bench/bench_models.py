@@ -37,16 +37,19 @@ def random_params(init_fn, key, std=0.02):
     return jax.tree_util.tree_unflatten(tree, [gen(k, tuple(l.shape)) for k, l in zip(keys, leaves)])
 
 
-def setup(name: str, batch: int, make_params=random_params):
+def setup(name: str, batch: int, make_params=random_params, attention: str = "float32"):
     """``(params, step, x, roles)`` of model ``name``; ``make_params(init_fn, key)`` builds the
     params from the model's init function (default: random bf16 without the float32 init);
-    ``roles``: linear path → role tag."""
+    ``roles``: linear path → role tag; ``attention``: the transformers' attention
+    implementation (:mod:`jaxdq.models.attention`; the UNet has only "float32")."""
+    if name.startswith("sd15") and attention != "float32":
+        raise ValueError(f"{name} has only the float32 attention, got {attention!r}")
     key = jax.random.PRNGKey(0)
     r = lambda *s: jax.random.normal(jax.random.PRNGKey(len(s)), s, jnp.float32).astype(BF16)  # noqa: E731
     if name == "dit-xl2-256":
         from jaxdq.models.dit import DiT, dit_config, init_dit, layer_roles
 
-        cfg = dit_config("DiT-XL/2")
+        cfg = dit_config("DiT-XL/2", attention=attention)
         params = make_params(lambda k: init_dit(cfg, k), key)
         m = DiT(cfg)
         x, y = r(batch, 4, 32, 32), jnp.arange(batch) % 1000
@@ -60,7 +63,7 @@ def setup(name: str, batch: int, make_params=random_params):
     if name == "pixart-sigma-1024":
         from jaxdq.models.pixart import PixArt, init_pixart, layer_roles, pixart_config
 
-        cfg = pixart_config("PixArt-sigma-1024")
+        cfg = pixart_config("PixArt-sigma-1024", attention=attention)
         params = make_params(lambda k: init_pixart(cfg, k), key)
         m = PixArt(cfg)
         x = r(batch, 4, 128, 128)
@@ -90,7 +93,7 @@ def setup(name: str, batch: int, make_params=random_params):
         from jaxdq.models.flux import Flux, flux_config, image_ids, init_flux, layer_roles, text_ids
 
         res = int(name.rsplit("-", 1)[1])
-        cfg = flux_config("flux1-dev")
+        cfg = flux_config("flux1-dev", attention=attention)
         params = make_params(lambda k: init_flux(cfg, k), key)
         m = Flux(cfg)
         h = res // 8

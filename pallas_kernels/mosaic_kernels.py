@@ -27,6 +27,25 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
+#: Shared memory one CTA may use on sm_90 (232448 B, as Mosaic GPU reports it), less
+#: room for the pipeline's barriers.
+_SMEM_BUDGET = 232448 - 2048
+
+
+def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, tile_k: int, w4: bool,
+               grouped: bool, rank: int, out_slots: int, out_bytes: int, interpret: bool = False) -> int:
+    """Shared memory of one :func:`int8_gemm_ws` CTA with ``steps`` pipeline stages, barriers
+    aside: the X/W (and scale-row) stages, the double-buffered epilogue tiles
+    (``out_slots`` elements each), the low-rank operand tiles, the int4 → int8 weight tiles,
+    and the interpreter's transpose buffers."""
+    per_step = cta_m * tile_k + cta_n * tile_k // (2 if w4 else 1) + (4 * (cta_m + cta_n) if grouped else 0)
+    fixed = (2 * out_slots * out_bytes
+             + (2 * (tile_m + tile_n) * rank * 2 if rank else 0)
+             + (2 * 2 * tile_n * tile_k if w4 else 0)
+             + (2 * tile_k * tile_n + 2 * max(rank, 16) * tile_n * 2 if interpret else 0))
+    return fixed + steps * per_step
+
+
 def gpu_interpret_params():
     """``interpret=`` value that runs these kernels in jax's Mosaic GPU interpreter on CPU
     (jax ≥ 0.10: simulated SMEM, barriers, TMA and wgmma), or None if this jax has none."""
@@ -46,6 +65,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                  tile_m: int = 128, tile_n: int | None = None, tile_k: int | None = None,
                  max_concurrent_steps: int = 4, epi_tile_n: int = 64, epi_tile_m: int = 64,
                  grid_tile_width: int = 8, wg_dim: str = "auto", num_sms: int | None = None,
+                 lr_in_acc: bool = False,
                  interpret=None):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
@@ -58,7 +78,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
       sx: f32 per-token scales ``[M]``, or ``[M, G]`` per (token, group of K/G channels).
       sw: f32 per-channel scales ``[N]``, or ``[G, N]`` per group.
       bias: f32 ``[N]`` or None.  xa ``[M, r]``, l2 ``[r, N]`` (bf16, r % 16 == 0):
-        the low-rank branch, fused as a second wgmma (see below).
+        the low-rank branch, fused as one more wgmma (see below).
     Instructions: the main loop is ``wgmma.mma_async.sync.aligned.m64nNk32.s32.s8.s8``
     (dense) with both operands in swizzled shared memory.  int4 weights travel HBM→SMEM by TMA
     as 4-bit, each consumer warpgroup converts its ``[tile_n, tile_k]`` tile to int8 in
@@ -73,9 +93,15 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     tile ``tile_m × 2·tile_n``, or ``2·tile_m × tile_n`` with ``wg_dim="m"``; "auto" picks
     n when N divides), a persistent grid of one CTA per SM walking the output tiles in a
     planar snake.  Low-rank branch: each consumer TMA-loads its ``xa`` rows and ``l2``
-    columns at the start of a tile and after the main loop issues one bf16 wgmma into a
-    second f32 accumulator; ``tile_n`` defaults to 64 then (two 128×128 accumulators
-    would need 256 registers per thread), else 128.
+    columns at the start of a tile and after the main loop issues one bf16 wgmma (K = r)
+    into a second f32 accumulator; ``tile_n`` defaults to 64 then (two 128×128
+    accumulators would need 256 registers per thread): +22% over the plain tile_n-128
+    GEMM on DiT fc1 on an H100.  ``lr_in_acc=True`` instead accumulates the low-rank
+    product into the scaled f32 result itself (``ACC.init(y)``), with no second
+    accumulator, so ``tile_n`` stays 128; it lowers but has not run on a GPU yet (the GPU
+    interpreter has no ``run_state`` rule, so interpret mode uses the second accumulator).
+    ``tile_n`` also defaults to 64 with group scales (the f32 carry and the int32 partial
+    are both live), else 128.
     """
     m, k = xq.shape
     n = wt.shape[0]
@@ -96,7 +122,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
     tile_k = tile_k or 128
     if tile_n is None:
-        tile_n = 64 if (has_lr or grouped) else 128
+        tile_n = 64 if (grouped or (has_lr and not lr_in_acc)) else 128
     r = xa.shape[1] if has_lr else 0
     if wg_dim == "auto":
         wg_dim = "n" if n % (2 * tile_n) == 0 else "m"
@@ -104,11 +130,18 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     if m % cta_m or n % cta_n or k % tile_k:
         raise ValueError(f"shape {(m, n, k)} not divisible by CTA tile {(cta_m, cta_n, tile_k)}")
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
+    num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+    smem = functools.partial(
+        smem_bytes, cta_m=cta_m, cta_n=cta_n, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, w4=w4,
+        grouped=grouped, rank=r, out_slots=num_out_slots * epi_tile_m * epi_tile_n,
+        out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret))
+    # e.g. int4 weights with warpgroups split along M: 4 steps need 262 KB > 227 KB
+    while max_concurrent_steps > 2 and smem(max_concurrent_steps) > _SMEM_BUDGET:
+        max_concurrent_steps -= 1
     in_tr = _transforms(tile_k, 8)
     w_tr = _transforms(tile_k, 4) if w4 else in_tr
     out_tr = _transforms(epi_tile_n, 16)
     has_bias = bias is not None
-    num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
     shape = (tile_m, tile_n)
 
     def vec_load(ref, reduced_dim, gmem=False):
@@ -173,12 +206,20 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                         plgpu.barrier_wait(lr_bar.at[2 * wg])
                         plgpu.barrier_wait(lr_bar.at[2 * wg + 1])
 
-                        @functools.partial(pl.run_scoped, lr_ref=plgpu.ACC(shape, jnp.float32))
-                        def _lr(lr_ref):
-                            plgpu.wgmma(lr_ref, lr_smem[0].at[wg], k_by_n(lr_smem[1].at[wg], 1))
-                            plgpu.wgmma_wait(0)
-                            return lr_ref[...]
-                        y = y + _lr
+                        a_lr, b_lr = lr_smem[0].at[wg], k_by_n(lr_smem[1].at[wg], 1)
+                        if lr_in_acc and not interpret:
+                            # accumulate (X L1) L2 into y itself: no second accumulator, so
+                            # the register budget allows tile_n = 128
+                            def _lr(acc_ref):
+                                plgpu.wgmma(acc_ref, a_lr, b_lr)
+                            y = pl.run_state(_lr)(plgpu.ACC.init(y))
+                        else:  # a second accumulator (the GPU interpreter has no rule for run_state)
+                            @functools.partial(pl.run_scoped, lr_ref=plgpu.ACC(shape, jnp.float32))
+                            def _lr(lr_ref):
+                                plgpu.wgmma(lr_ref, a_lr, b_lr)
+                                plgpu.wgmma_wait(0)
+                                return lr_ref[...]
+                            y = y + _lr
                     y = y.astype(out_dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for emi in range(tile_m // epi_tile_m):

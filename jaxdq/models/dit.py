@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
 
 FREQ_EMBED_DIM = 256  # width of the timestep sinusoid (DiT's frequency_embedding_size)
@@ -71,6 +72,8 @@ class DiTConfig:
       shared_embedder: one embedder for all blocks (original) or one per block (diffusers).
       norm_eps: eps of the adaLN LayerNorms (attention side and final layer).
       mlp_norm_eps: eps of the LayerNorm before the MLP; None means ``norm_eps``.
+      attention: attention implementation, see :mod:`jaxdq.models.attention` ("float32"
+        reference; "cudnn" fused flash attention for GPU sampling).
     """
 
     input_size: int = 32
@@ -87,9 +90,11 @@ class DiTConfig:
     shared_embedder: bool = True
     norm_eps: float = 1e-6
     mlp_norm_eps: Optional[float] = None
+    attention: str = "float32"
 
     def __post_init__(self):
         check_transformer_dims(self.hidden_size, self.num_heads)
+        check_attention_impl(self.attention)
 
     @property
     def out_channels(self) -> int:
@@ -253,20 +258,19 @@ def _conditioning(cfg: DiTConfig, t, y, force_drop_ids, dtype) -> jax.Array:
 
 class Attention(nn.Module):
     """Multi-head self-attention ``[N, T, D] → [N, T, D]``; qkv as one ``[D, 3D]`` Linear
-    (q | k | v, each head-major), softmax(QKᵀ/√d)V in float32."""
+    (q | k | v, each head-major), :func:`jaxdq.models.attention.attention` with ``impl``."""
 
     hidden_size: int
     num_heads: int
+    impl: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
         hd = d // self.num_heads
         qkv = Linear(3 * d, role="self-attn", name="qkv")(x)
-        qkv = qkv.reshape(n, t, 3, self.num_heads, hd).astype(jnp.float32)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(hd)
-        out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
+        qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.impl)
         return Linear(d, role="self-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype))
 
 
@@ -306,7 +310,7 @@ class DiTBlock(nn.Module):
         mod = Linear(6 * cfg.hidden_size, role="adaLN", kernel_init=_zeros, name="adaLN_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layer_norm(x, cfg.norm_eps), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * Attention(cfg.hidden_size, cfg.num_heads, name="attn")(h)
+        x = x + gate_msa[:, None] * Attention(cfg.hidden_size, cfg.num_heads, cfg.attention, name="attn")(h)
         eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
         h = modulate(layer_norm(x, eps), shift_mlp, scale_mlp)
         x = x + gate_mlp[:, None] * Mlp(cfg.hidden_size, cfg.mlp_hidden, name="mlp")(h)

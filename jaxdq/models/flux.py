@@ -44,7 +44,6 @@ the angle ``pos·ω`` differs by at most one float32 rounding, ~1e-5 rad at posi
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -53,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdq.models.dit import FREQ_EMBED_DIM, Mlp, layer_norm, modulate, patchify, timestep_embedding
+from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
 
 NORM_EPS = 1e-6  # every LayerNorm and the q/k RMSNorms of FLUX
@@ -82,6 +82,8 @@ class FluxConfig:
       guidance_embeds: guidance-distilled model (FLUX.1-dev) with a guidance embedder.
       axes_dims_rope: RoPE dims per id axis; must sum to d.
       mlp_ratio: M = int(D · mlp_ratio).
+      attention: attention implementation, see :mod:`jaxdq.models.attention` ("float32"
+        reference; "cudnn" fused flash attention for GPU sampling).
     """
 
     patch_size: int = 1
@@ -96,8 +98,10 @@ class FluxConfig:
     guidance_embeds: bool = True
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
     mlp_ratio: float = 4.0
+    attention: str = "float32"
 
     def __post_init__(self):
+        check_attention_impl(self.attention)
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
         if sum(self.axes_dims_rope) != self.attention_head_dim:
             raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to "
@@ -249,13 +253,12 @@ def _heads(x: jax.Array, d: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], -1, d)
 
 
-def _attention(q, k, v, cos, sin):
-    """Joint softmax attention over ``[N, S, H, d]`` after RoPE; float32 softmax; ``[N, S, H·d]`` out."""
+def _attention(q, k, v, cos, sin, impl):
+    """Joint softmax attention over ``[N, S, H, d]`` after RoPE (:func:`jaxdq.models.attention.attention`
+    with ``impl``); ``[N, S, H·d]`` out in ``v.dtype``."""
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     n, s, h, d = q.shape
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / math.sqrt(d)
-    out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v.astype(jnp.float32))
-    return out.reshape(n, s, h * d).astype(v.dtype)
+    return attention(q, k, v, impl=impl).reshape(n, s, h * d).astype(v.dtype)
 
 
 def _project_qkv(x, d_model, head_dim, names, norm_names):
@@ -282,7 +285,7 @@ class JointAttention(nn.Module):
         cq, ck, cv = _project_qkv(txt, d, hd, ("add_q_proj", "add_k_proj", "add_v_proj"),
                                   ("norm_added_q", "norm_added_k"))
         cat = lambda a, b: jnp.concatenate([a, b], axis=1)  # noqa: E731
-        out = _attention(cat(cq, q), cat(ck, k), cat(cv, v), cos, sin)
+        out = _attention(cat(cq, q), cat(ck, k), cat(cv, v), cos, sin, cfg.attention)
         t = txt.shape[1]
         img_out = Linear(d, role="self-attn", name="to_out")(out[:, t:])
         txt_out = Linear(d, role="self-attn", name="to_add_out")(out[:, :t])
@@ -354,7 +357,7 @@ class _SingleAttention(nn.Module):
         cfg = self.config
         q, k, v = _project_qkv(h, cfg.hidden_size, cfg.attention_head_dim, ("to_q", "to_k", "to_v"),
                                ("norm_q", "norm_k"))
-        return _attention(q, k, v, cos, sin)
+        return _attention(q, k, v, cos, sin, cfg.attention)
 
 
 class Flux(nn.Module):

@@ -39,7 +39,6 @@ Position embedding: 2D sin-cos of positions ``arange(g) / (g / base) / s`` per a
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -50,6 +49,7 @@ import numpy as np
 
 from jaxdq.models.dit import (Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, check_transformer_dims, layer_norm,
                               patchify, unpatchify)
+from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
 
 MASK_BIAS = -10000.0  # additive attention bias of a dropped text token (diffusers and PixArt)
@@ -77,6 +77,8 @@ class PixArtConfig:
       norm_eps: eps of the blocks' LayerNorms (the final LayerNorm uses 1e-6 always).
       max_text_tokens: T5 sequence length the model was trained with (documentation;
         any length works).
+      attention: attention implementation, see :mod:`jaxdq.models.attention` ("float32"
+        reference; "cudnn" fused flash attention for GPU sampling).
     """
 
     sample_size: int = 128
@@ -93,9 +95,11 @@ class PixArtConfig:
     use_additional_conditions: bool = False
     norm_eps: float = 1e-6
     max_text_tokens: int = 300
+    attention: str = "float32"
 
     def __post_init__(self):
         check_transformer_dims(self.hidden_size, self.num_heads)
+        check_attention_impl(self.attention)
         if self.use_additional_conditions and self.hidden_size % 3:
             raise ValueError(f"use_additional_conditions needs hidden_size divisible by 3, got {self.hidden_size}")
         if self.caption_channels is None and self.cross_attention_dim is None:
@@ -221,29 +225,19 @@ def mask_to_bias(mask: Optional[jax.Array], dtype=jnp.float32) -> Optional[jax.A
 _zeros = nn.initializers.zeros
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    """softmax(QKᵀ/√d + bias)V in float32.  q ``[N, Tq, H, d]``, k/v ``[N, Tk, H, d]``,
-    bias ``[N, Tk]`` or None → ``[N, Tq, H·d]`` float32."""
-    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)[:, None, None, :]
-    out = jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
-    return out.reshape(*out.shape[:2], -1)
-
-
 class SelfAttention(nn.Module):
     """``[N, T, D] → [N, T, D]``: fused ``qkv`` Linear ``[D, 3D]`` and ``proj``, both tagged ``role``."""
 
     num_heads: int
     role: str = "self-attn"
+    impl: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         n, t, d = x.shape
         qkv = Linear(3 * d, role=self.role, name="qkv")(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
-        out = _attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None)
-        return Linear(d, role=self.role, name="proj")(out.astype(x.dtype))
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.impl)
+        return Linear(d, role=self.role, name="proj")(out.reshape(n, t, d).astype(x.dtype))
 
 
 class CrossAttention(nn.Module):
@@ -251,6 +245,7 @@ class CrossAttention(nn.Module):
     Linear ``[C, 2D]``; ``bias [N, L]`` is added to the logits.  Returns ``[N, T, D]``."""
 
     num_heads: int
+    impl: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
@@ -259,8 +254,8 @@ class CrossAttention(nn.Module):
         q = Linear(d, role="cross-attn", name="q")(x).reshape(n, t, self.num_heads, hd)
         kv = Linear(2 * d, role="cross-attn", name="kv")(context.astype(x.dtype))
         kv = kv.reshape(n, context.shape[1], 2, self.num_heads, hd)
-        out = _attend(q, kv[:, :, 0], kv[:, :, 1], bias)
-        return Linear(d, role="cross-attn", name="proj")(out.astype(x.dtype))
+        out = attention(q, kv[:, :, 0], kv[:, :, 1], bias, impl=self.impl)
+        return Linear(d, role="cross-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype))
 
 
 def CaptionProjection(hidden_size: int, name: str = "caption_projection") -> Mlp:
@@ -310,6 +305,7 @@ class PixArtBlock(nn.Module):
     norm_eps: float = 1e-6
     cross_attention: bool = True
     self_attn_role: str = "self-attn"
+    attention: str = "float32"
 
     @nn.compact
     def __call__(self, x, mod, context=None, bias=None):
@@ -318,9 +314,9 @@ class PixArtBlock(nn.Module):
         m = table.astype(x.dtype)[None] + mod.reshape(n, 6, d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m[:, i:i + 1] for i in range(6))
         h = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * SelfAttention(self.num_heads, self.self_attn_role, name="attn1")(h)
+        x = x + gate_msa * SelfAttention(self.num_heads, self.self_attn_role, self.attention, name="attn1")(h)
         if self.cross_attention:
-            x = x + CrossAttention(self.num_heads, name="attn2")(x, context, bias)
+            x = x + CrossAttention(self.num_heads, self.attention, name="attn2")(x, context, bias)
         h = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
         return x + gate_mlp * Mlp(d, self.mlp_hidden, name="ff")(h)
 
@@ -384,7 +380,7 @@ class PixArt(nn.Module):
         bias = mask_to_bias(encoder_attention_mask)
         for i in range(cfg.depth):
             tokens = PixArtBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps,
-                                 name=f"blocks_{i}")(tokens, mod, context, bias)
+                                 attention=cfg.attention, name=f"blocks_{i}")(tokens, mod, context, bias)
         out = FinalLayer(cfg.patch_size ** 2 * cfg.out_channels, name="final_layer")(tokens, emb)
         return unpatchify(out, cfg.patch_size, cfg.out_channels, gh, gw)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdq.models.attention import attention
 from jaxdq.nn import Linear
 
 # diffusers ModuleList names: their children are ``name.<i>`` in a state dict, ``name_<i>`` here.
@@ -175,7 +176,7 @@ class TimestepEmbedding(nn.Module):
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """softmax(QKᵀ/√d)V per head in float32.
+    """softmax(QKᵀ/√d)V per head in float32 (:func:`jaxdq.models.attention.attention`).
 
     Args:
       q: ``[N, T, H·d]``; k, v: ``[N, S, H·d]``.
@@ -183,13 +184,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) 
       ``[N, T, H·d]`` float32.
     """
     n, t, hd = q.shape
-    d = hd // heads
-    q = q.astype(jnp.float32).reshape(n, t, heads, d)
-    k = k.astype(jnp.float32).reshape(n, -1, heads, d)
-    v = v.astype(jnp.float32).reshape(n, -1, heads, d)
-    logits = jnp.einsum("nthd,nshd->nhts", q, k) / math.sqrt(d)
-    out = jnp.einsum("nhts,nshd->nthd", jax.nn.softmax(logits, axis=-1), v)
-    return out.reshape(n, t, hd)
+    split = lambda a: a.reshape(n, a.shape[1], heads, hd // heads)  # noqa: E731
+    return attention(split(q), split(k), split(v)).reshape(n, t, hd)
 
 
 def _attend(x: jax.Array, context: jax.Array, heads: int, dim_head: int, out_dim: int, role: str,
