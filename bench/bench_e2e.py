@@ -163,10 +163,7 @@ def main():
         row = {"model": args.model, "method": args.method, "weight_bytes": wbytes, "build_s": round(build_s, 1),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"}
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        return
+        return _emit(row, args.out)
     if args.method.startswith("svdquant"):
         # the fused/unfused low-rank choice is a module constant read at trace time
         ops.FUSE_LOWRANK_HOPPER = fuse
@@ -174,7 +171,8 @@ def main():
     t = jnp.full((1,), 500, jnp.int32)
     out, compile_s, times, peak = time_step(f, params, x, t, args.reps)
     print(f"compiled in {compile_s:.1f} s, step {1e3 * float(np.median(times)):.3f} ms", file=sys.stderr, flush=True)
-    row = {"model": args.model, "method": args.method, "attention": args.attention, "step_ms_median": round(1e3 * float(np.median(times)), 3),
+    row = {"model": args.model, "method": args.method, "attention": args.attention,
+           "step_ms_median": round(1e3 * float(np.median(times)), 3),
            "step_ms_min": round(1e3 * min(times), 3), "compile_s": round(compile_s, 1),
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
@@ -199,8 +197,13 @@ def main():
             row["profile_top"] = sorted(([k, round(v, 3)] for k, v in top.items()), key=lambda r: -r[1])[:12]
         except Exception as e:  # pragma: no cover
             row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    _emit(row, args.out)
+
+
+def _emit(row: dict, path: str) -> None:
+    """Print ``row`` and append it to the JSON-lines file ``path``."""
     print(json.dumps(row), flush=True)
-    with open(args.out, "a") as fh:
+    with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
 
 

@@ -9,7 +9,6 @@ Run before ``bench_e2e.py`` on a new device/jax, so a failing layer is named:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_e2e import ARCH_OF, make_converter  # noqa: E402
+from bench.bench_e2e import ARCH_OF, _emit, make_converter  # noqa: E402
 from bench.bench_models import setup  # noqa: E402
 from jaxdq.quant.rules import is_float_linear  # noqa: E402
 
@@ -82,9 +81,7 @@ def main():
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
                 row["where"] = traceback.format_exc()[-2500:]
-            print(json.dumps(row)[:4000], flush=True)
-            with open(a.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            _emit(row, a.out)
 
 
 if __name__ == "__main__":
