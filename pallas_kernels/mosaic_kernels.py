@@ -71,6 +71,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
 
     ``bf16 [M, N] = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``
 
+    N must be a multiple of the CTA tile's columns and K of ``tile_k``; any M works (rows
+    are zero-padded to the CTA tile inside and the output sliced back).
+
     Args:
       xq: int8 ``[M, K]`` activation codes (8- or 4-bit values).
       wt: the weight codes K-major, ``[N, K]``: int8, or ``jnp.int4`` (two codes per
@@ -117,9 +120,6 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         tile_k = k // groups
         if tile_k not in (64, 128):
             raise ValueError(f"group size {tile_k} unsupported (64 or 128)")
-        # scales as [G, M] / [G, N] rows, pipelined with the operands (one row per K-step)
-        sxg = jnp.broadcast_to(sx.reshape(m, -1), (m, groups)).T
-        swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
     tile_k = tile_k or 128
     if tile_n is None:
         tile_n = 64 if (grouped or (has_lr and not lr_in_acc)) else 128
@@ -127,8 +127,16 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     if wg_dim == "auto":
         wg_dim = "n" if n % (2 * tile_n) == 0 else "m"
     cta_m, cta_n = (tile_m, 2 * tile_n) if wg_dim == "n" else (2 * tile_m, tile_n)
-    if m % cta_m or n % cta_n or k % tile_k:
-        raise ValueError(f"shape {(m, n, k)} not divisible by CTA tile {(cta_m, cta_n, tile_k)}")
+    if n % cta_n or k % tile_k:
+        raise ValueError(f"N, K = {(n, k)} not divisible by the CTA tile's {(cta_n, tile_k)}")
+    m_out = m
+    if m % cta_m:  # zero rows up to the CTA tile (zero codes → zero output rows, sliced off)
+        m = -(-m // cta_m) * cta_m
+        pad = lambda a: jnp.pad(a, ((0, m - m_out),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
+        xq, sx, xa = pad(xq), pad(sx), pad(xa) if has_lr else None
+    if grouped:  # scales as [G, M] / [G, N] rows, pipelined with the operands (one row per K-step)
+        sxg = jnp.broadcast_to(sx.reshape(m, -1), (m, groups)).T
+        swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
     num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
     smem = functools.partial(
@@ -313,5 +321,5 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     else:
         xa_in, l2t_in = jnp.zeros((m, 16), jnp.bfloat16), jnp.zeros((n, 16), jnp.bfloat16)
     if grouped:
-        return f(xq, wt, sxg, swg, b, xa_in, l2t_in)
-    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in)
+        return f(xq, wt, sxg, swg, b, xa_in, l2t_in)[:m_out]
+    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in)[:m_out]

@@ -135,7 +135,6 @@ def qlinear_apply(q, x: jax.Array, *, fuse_lowrank: bool | None = None) -> jax.A
 @functools.partial(jax.jit, static_argnames=("fuse", "hopper"))
 def _kernel_forward(q, x2: jax.Array, *, fuse: bool, hopper: bool) -> jax.Array:
     """The kernel path of :func:`qlinear_apply` on ``x2 [M, C_in]`` → bf16 ``[M, C_out]``."""
-    n = q.out_features
     m = x2.shape[0]
     bm = 128 if m >= 128 else 64
     m_pad = -(-m // bm) * bm
@@ -155,17 +154,12 @@ def _kernel_forward(q, x2: jax.Array, *, fuse: bool, hopper: bool) -> jax.Array:
         from pallas_kernels import mosaic_kernels
 
         fuse = fuse and xl1 is not None
-        tile_n = 64 if (fuse or group) else 128
-        cta_m = 128 if n % (2 * tile_n) == 0 else 256  # int8_gemm_ws's wg_dim="auto"
-        m_ws = -(-m // cta_m) * cta_m
-        codes_ws, sx_ws = _pad_rows(codes, m_ws), _pad_rows(sx, m_ws)
         sw = q.w_scale.reshape(-1) if q.w_spec.granularity == "channel" else q.w_scale
-        y = mosaic_kernels.int8_gemm_ws(codes_ws, _weight_nk(q), sx_ws if ag else sx_ws[:, 0], sw,
-                                        bias=bias, xa=_pad_rows(xl1, m_ws) if fuse else None,
-                                        l2=l2 if fuse else None, out_dtype=jnp.bfloat16)
+        y = mosaic_kernels.int8_gemm_ws(codes, _weight_nk(q), sx if ag else sx[:, 0], sw, bias=bias,
+                                        xa=xl1 if fuse else None, l2=l2 if fuse else None,
+                                        out_dtype=jnp.bfloat16)
         if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
-            xa = _pad_rows(xl1, m_ws)
-            y = (y.astype(jnp.float32) + jnp.dot(xa, l2.astype(jnp.bfloat16),
+            y = (y.astype(jnp.float32) + jnp.dot(xl1, l2.astype(jnp.bfloat16),
                                                  preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
     else:
         y = triton_kernels.int_gemm(codes, q.qweight, sx, q.w_scale, bias=bias, xa=xl1, l2=l2,

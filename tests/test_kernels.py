@@ -154,6 +154,7 @@ WS_CASES = {
     "w4a8_int4": (128, 256, 256, 4, 0, 8, False, True),  # int4 [N, K] → int8 in the kernel
     "w8a8_g128": (128, 256, 256, 8, 128, 8, False, False),
     "w8a4_g64": (128, 256, 256, 8, 64, 4, False, True),  # per-(token, group) scales, 4 K-steps
+    "w8a8_m_pad": (72, 256, 256, 8, 0, 8, False, True),  # M below the CTA tile: padded inside
 }
 
 
