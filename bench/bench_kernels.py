@@ -104,6 +104,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     wt = wq.T
     xq, sx, xl1 = ref.quantize_act(x, l1=l1)
     xl1 = xl1.astype(jnp.bfloat16)
+    xqa, sxa, _, zxa = ref.quantize_act(x, symmetric=False)  # asymmetric per-token codes + zero points
     # W4, group 64
     g = 64
     wg = wf.reshape(k // g, g, n)
@@ -147,6 +148,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         ws = mk.int8_gemm_ws
         variants["mgpu_ws_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb)), (xq, wt, sx, sw, bias))
+        variants["mgpu_ws_w8a8_asym"] = (jax.jit(lambda a, b, s1, s2, bb, z: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, x_zero=z[:, 0])), (xqa, wt, sxa, sw, bias, zxa))
         variants["mgpu_ws_w8a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
@@ -159,6 +162,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             (xq, wt, sx, sw, bias, xl1, l2))
         variants["mgpu_ws_w4a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb)), (xq, w4ct, sx, w4c_scale, bias))
+        variants["mgpu_ws_w4a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, w4ct, sx, w4c_scale, bias))
         variants["mgpu_ws_w4a8_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2, bias=bb)), (xq, w4t, sx, sw4, bias))
         variants["mgpu_ws_w4a4_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
@@ -175,6 +180,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     refs = {}
     if check:
         refs["w8"] = ref.int_gemm(xq, wq, sx, sw, bias=bias)
+        refs["w8asym"] = ref.int_gemm(xqa, wq, sxa, sw, bias=bias, x_zero=zxa)
         refs["w8lr"] = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
         refs["w4"] = ref.int_gemm(xq, w4p, sx, sw4, bias=bias, packed=True)
         refs["w4c"] = ref.int_gemm(xq, w4c, sx, w4c_scale, bias=bias)
@@ -182,8 +188,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         refs["w4a4lr"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
               "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
-              "mgpu_ws_w8a8_lr32_inacc": "w8lr",
-              "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_g64": "w4",
+              "mgpu_ws_w8a8_lr32_inacc": "w8lr", "mgpu_ws_w8a8_asym": "w8asym",
+              "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_tn64": "w4c", "mgpu_ws_w4a8_g64": "w4",
               "mgpu_ws_w4a4_g64": "w4a4", "mgpu_ws_w4a4_g64_lr32_fused": "w4a4lr",
               "mgpu_ws_w4a4_g64_xla_lr32": "w4a4lr", "triton_w4a4_g64_lr32": "w4a4lr"}
     base = None
@@ -212,7 +218,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     gemm = "mgpu" if mk is not None else "triton"
 
     def fused(a, s, la, lb, b_, wq_, wt_, sw_):
-        c, s1, xa = tk.quantize_act(a, smooth=s, l1=la, block_m=16)
+        c, s1, xa = tk.quantize_act(a, smooth=s, l1=la, **tk.quantize_config(a.shape[0], a.shape[1], dot=True,
+                                                                              smooth=True, grouped=False))
         if gemm == "mgpu":  # the path ops.qlinear_apply takes on Hopper
             y = mk.int8_gemm_ws(c, wt_, s1[:, 0], sw_[0], bias=b_).astype(jnp.float32)
             return (y + jnp.dot(xa, lb, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
@@ -254,34 +261,59 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     if k <= 4608:
         qcfgs += [("1pass_bm16_w8", dict(block_m=16, num_warps=8, single_pass=True)),
                   ("1pass_bm32_w8", dict(block_m=32, num_warps=8, single_pass=True))]
-    for had in (0, 128):
-        for cfg_name, cfg in qcfgs:
-            if had and "group_size" in cfg:
-                continue
-            name = f"quantize_smooth_lr32{'_had128' if had else ''}_{cfg_name}"
+    # which part limits the fused kernel: the same kernel without the down-projection (rows
+    # per program no longer tied to the dot's 16-row minimum) and without smoothing, and
+    # XLA's own fusion of the same math
+    small = [("2sweep_bm4_w4_s3", dict(block_m=4, num_warps=4, num_stages=3)),
+             ("2sweep_bm8_w4_s3", dict(block_m=8, num_warps=4, num_stages=3)),
+             ("2sweep_bm16_w4_s3", dict(block_m=16, num_warps=4, num_stages=3)),
+             ("2sweep_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3))]
+    if k <= 4608:
+        small += [("1pass_bm2_w4", dict(block_m=2, num_warps=4, single_pass=True)),
+                  ("1pass_bm4_w4", dict(block_m=4, num_warps=4, single_pass=True)),
+                  ("1pass_bm4_w8", dict(block_m=4, num_warps=8, single_pass=True)),
+                  ("1pass_bm8_w4", dict(block_m=8, num_warps=4, single_pass=True))]
+    families = [(f"quantize_smooth_lr32{'_had128' if had else ''}", True, True, had, cfgs)
+                for had in (0, 128) for cfgs in [[c for c in qcfgs if not (had and "group_size" in c[1])]]]
+    families += [("quantize_smooth", True, False, 0, small), ("quantize_plain", False, False, 0, small),
+                 ("quantize_asym", False, False, 0, [c for c in small if c[0] in ("1pass_bm4_w4", "2sweep_bm8_w4_s3")])]
+    xla_q = {"quantize_xla_smooth_lr32": (True, True), "quantize_xla_plain": (False, False)}
+    for fam, use_s, use_l1, had, cfgs in families + [(n, s_, l_, 0, [("", None)]) for n, (s_, l_) in xla_q.items()]:
+        for cfg_name, cfg in cfgs:
+            name = f"{fam}_{cfg_name}" if cfg_name else fam
             if not want(name):
                 continue
             row = {"model": model, "layer": layer, "shape": f"{mp}x{k}", "M": mp, "K": k, "variant": name}
             try:
-                f = jax.jit(lambda a, s, la, cfg=cfg, had=had: tk.quantize_act(a, smooth=s, l1=la, had_block=had,
-                                                                               **cfg))
+                if cfg is None:  # XLA: the reference under jit
+                    f = jax.jit(lambda a, s, la, use_s=use_s, use_l1=use_l1: ref.quantize_act(
+                        a, smooth=s if use_s else None, l1=la if use_l1 else None))
+                else:
+                    f = jax.jit(lambda a, s, la, cfg=cfg, had=had, use_s=use_s, use_l1=use_l1, sym=fam != "quantize_asym":
+                                tk.quantize_act(a, smooth=s if use_s else None, l1=la if use_l1 else None,
+                                                had_block=had, symmetric=sym, **cfg)[:3])
                 ms, how = timer(f, x, smooth, l1)
+                cfg = cfg or {}
                 nsc = k // cfg["group_size"] if "group_size" in cfg else 1
-                nbytes = mp * k * 2 + mp * k + mp * 4 * nsc + mp * RANK * 2 + k * RANK * 2 + k * 4
+                nbytes = (mp * k * 2 + mp * k + mp * 4 * nsc + (mp * RANK * 2 + k * RANK * 2 if use_l1 else 0)
+                          + (k * 4 if use_s else 0))
                 row.update(time_ms=ms, bytes_moved=nbytes, gbps=nbytes / (ms * 1e-3) / 1e9,
                            hbm_fraction=nbytes / (ms * 1e-3) / bw, timer=how)
                 if check:
                     c, s1, xa = f(x, smooth, l1)
-                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth, l1=l1, had_block=had,
-                                                   bits=cfg.get("bits", 8), group_size=cfg.get("group_size", 0))
+                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth if use_s else None, l1=l1 if use_l1 else None,
+                                                   had_block=had, bits=cfg.get("bits", 8),
+                                                   group_size=cfg.get("group_size", 0),
+                                                   symmetric=fam != "quantize_asym")[:3]
                     d = np.abs(np.asarray(c, np.int32) - np.asarray(c0, np.int32))
                     row.update(codes_max_abs_diff=int(d.max()), codes_mismatch_frac=float((d > 0).mean()),
-                               scale_rel_err=rel_err(s1, s0), xl1_rel_err=rel_err(xa, xa0))
+                               scale_rel_err=rel_err(s1, s0))
+                    if use_l1:
+                        row["xl1_rel_err"] = rel_err(xa, xa0)
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
             rows.append(row)
             print(json.dumps(row), flush=True)
-
 
 def main():
     p = argparse.ArgumentParser()
@@ -291,7 +323,8 @@ def main():
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="CPU check of this script: one tiny shape, Triton kernels interpreted, no Mosaic GPU")
-    p.add_argument("--variants", default="all", help="comma-separated name prefixes to run, or 'all'")
+    p.add_argument("--variants", default="all",
+                   help="comma-separated name prefixes to run (NAME$: exactly NAME), or 'all'")
     a = p.parse_args()
     global SHAPES, mk
     if a.smoke:
@@ -304,8 +337,10 @@ def main():
     if a.variants == "all":
         want = lambda name: True
     else:
-        prefixes = tuple(a.variants.split(","))
-        want = lambda name: name.startswith(prefixes)
+        names = a.variants.split(",")  # prefixes; a trailing "$" asks for that exact name
+        prefixes = tuple(v for v in names if not v.endswith("$"))
+        exact = {v[:-1] for v in names if v.endswith("$")}
+        want = lambda name: name in exact or name.startswith(prefixes)
     timer = make_timer(a.reps)
     bw = hbm_bandwidth(timer)
     dev = jax.devices()[0]

@@ -61,11 +61,29 @@ def _transforms(minor_elems: int, bits: int):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def pick_tile_n(m: int, n: int, *, num_sms: int, margin: float = 0.75) -> int:
+    """``tile_n`` for the plain (per-channel, no second accumulator) :func:`int8_gemm_ws`.
+
+    128 (CTA tile 128×256, or 256×128 with warpgroups split along M) unless 64 needs at
+    most ``margin`` of the wave-quantized work ``ceil(tiles / num_sms) · tile area``: at
+    small M the 128 tiles leave SMs idle.  H100 (bench/results/kernels_h100_run3.json):
+    M=512 DiT qkv 0.0085 vs 0.0116 ms and proj 0.0077 vs 0.0108 ms with 64; fc1 (equal
+    work) 0.0118 vs 0.0123 and M=8192 fc2 (64's work 0.83×) 0.0789 vs 0.0833 ms with 128.
+    """
+    def work(tn):
+        cta_m, cta_n = (128, 2 * tn) if n % (2 * tn) == 0 else (256, tn)
+        tiles = -(-m // cta_m) * (n // cta_n)
+        return -(-tiles // num_sms) * cta_m * cta_n
+    if n % 128 == 0 and work(64) <= margin * work(128):
+        return 64
+    return 128
+
+
 def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.bfloat16,
                  tile_m: int = 128, tile_n: int | None = None, tile_k: int | None = None,
                  max_concurrent_steps: int = 4, epi_tile_n: int = 64, epi_tile_m: int = 64,
                  grid_tile_width: int = 8, wg_dim: str = "auto", num_sms: int | None = None,
-                 lr_in_acc: bool = False,
+                 lr_in_acc: bool = False, x_zero=None, w_colsum=None,
                  interpret=None):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
@@ -82,6 +100,10 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
       sw: f32 per-channel scales ``[N]``, or ``[G, N]`` per group.
       bias: f32 ``[N]`` or None.  xa ``[M, r]``, l2 ``[r, N]`` (bf16, r % 16 == 0):
         the low-rank branch, fused as one more wgmma (see below).
+      x_zero: f32 ``[M]`` zero points of asymmetric per-token activation codes (shifted to
+        int8, :func:`pallas_kernels.reference.quantize_act`), or None; the epilogue
+        subtracts ``x_zero ⊗ w_colsum`` from the int32 accumulator before the scales.
+        w_colsum: f32 ``[N]`` Σ_k of the weight codes (computed here when None).
     Instructions: the main loop is ``wgmma.mma_async.sync.aligned.m64nNk32.s32.s8.s8``
     (dense) with both operands in swizzled shared memory.  int4 weights travel HBM→SMEM by TMA
     as 4-bit, each consumer warpgroup converts its ``[tile_n, tile_k]`` tile to int8 in
@@ -101,8 +123,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     accumulators would need 256 registers per thread): +22% over the plain tile_n-128
     GEMM on DiT fc1 on an H100.  ``lr_in_acc=True`` instead accumulates the low-rank
     product into the scaled f32 result itself (``ACC.init(y)``), with no second
-    accumulator, so ``tile_n`` stays 128; it lowers but has not run on a GPU yet (the GPU
-    interpreter has no ``run_state`` rule, so interpret mode uses the second accumulator).
+    accumulator, so ``tile_n`` stays 128: on an H100 +13% on 8192³ and FLUX fc1/fc2 (second
+    accumulator: +17% to +26%), but +25% at K=1152 (bench/results/kernels_h100_run3.json);
+    the GPU interpreter has no ``run_state`` rule, so interpret mode uses the second accumulator.
     ``tile_n`` also defaults to 64 with group scales (the f32 carry and the int32 partial
     are both live), else 128.
     """
@@ -114,6 +137,13 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     sw = sw.astype(jnp.float32)
     groups = max(sx.shape[1] if sx.ndim == 2 else 1, sw.shape[0] if sw.ndim == 2 else 1)
     grouped = groups > 1
+    has_zero = x_zero is not None
+    if has_zero:
+        if grouped:
+            raise ValueError("activation zero points need per-token scales (one scale group)")
+        if w_colsum is None:
+            w_colsum = jnp.sum(wt.astype(jnp.int32), axis=1).astype(jnp.float32)
+        x_zero = x_zero.reshape(m).astype(jnp.float32)
     if grouped:
         if k % groups:
             raise ValueError(f"K={k} is not a multiple of the {groups} scale groups")
@@ -134,6 +164,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         m = -(-m // cta_m) * cta_m
         pad = lambda a: jnp.pad(a, ((0, m - m_out),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
         xq, sx, xa = pad(xq), pad(sx), pad(xa) if has_lr else None
+        x_zero = pad(x_zero) if has_zero else None
     if grouped:  # scales as [G, M] / [G, N] rows, pipelined with the operands (one row per K-step)
         sxg = jnp.broadcast_to(sx.reshape(m, -1), (m, groups)).T
         swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
@@ -159,7 +190,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
             return ref[...]
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
-    def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, out_gmem):
+    def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, out_gmem):
         specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
                                  memory_space=plgpu.SMEM, delay_release=1),
                  plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
@@ -274,6 +305,10 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                             srow = vec_load(sx_gmem.at[cm].at[wm], 1, gmem=True)
                             scol = vec_load(sw_gmem.at[cn].at[wn], 0, gmem=True)
                             y = acc_ref[...].astype(jnp.float32)
+                            if has_zero:  # Σ (q - z) w = Σ q w - z · colsum(w)
+                                zrow = vec_load(zx_gmem.at[cm].at[wm], 1, gmem=True)
+                                wcol = vec_load(ws_gmem.at[cn].at[wn], 0, gmem=True)
+                                y = y - lax.broadcast_in_dim(zrow, shape, [0]) * lax.broadcast_in_dim(wcol, shape, [1])
                             y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
                             epilogue(y)
 
@@ -320,6 +355,10 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         xa_in, l2t_in = xa.astype(jnp.bfloat16), l2.T.astype(jnp.bfloat16)  # L2^T [N, r]
     else:
         xa_in, l2t_in = jnp.zeros((m, 16), jnp.bfloat16), jnp.zeros((n, 16), jnp.bfloat16)
+    if has_zero:
+        zx_in, ws_in = x_zero, w_colsum.reshape(n).astype(jnp.float32)
+    else:  # unused (the kernel signature is fixed)
+        zx_in, ws_in = jnp.zeros((m,), jnp.float32), jnp.zeros((n,), jnp.float32)
     if grouped:
-        return f(xq, wt, sxg, swg, b, xa_in, l2t_in)[:m_out]
-    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in)[:m_out]
+        return f(xq, wt, sxg, swg, b, xa_in, l2t_in, zx_in, ws_in)[:m_out]
+    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in, zx_in, ws_in)[:m_out]

@@ -19,8 +19,10 @@ kernels (both jit-able, shapes static):
    transposed per call.
 
 Weight-only layers (``act_spec`` None) dequantize to the activation dtype and use
-XLA's dot.  Everything else (CPU/TPU backends, static or asymmetric activations,
-asymmetric weights, tensor-granularity scales, shapes not multiples of 128) returns
+XLA's dot.  Asymmetric per-token activations (with per-channel weights) are quantized
+to shifted int8 codes plus a zero point, and the GEMM epilogue subtracts
+``zero ⊗ colsum(W)`` before the scales.  Everything else (CPU/TPU backends, static
+activations, asymmetric weights, tensor-granularity scales, shapes not multiples of 128) returns
 the QLinear's own reference: ``impl="int"`` where :meth:`QLinear.int_path_ok`, else
 ``impl="fake"``.
 """
@@ -51,6 +53,10 @@ def _is_hopper() -> bool:
         return False
 
 
+def _num_sms() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
@@ -63,8 +69,10 @@ def _act_group(q) -> int:
 def kernel_supported(q) -> bool:
     """Whether :func:`qlinear_apply` runs ``q`` through the kernels (on a GPU)."""
     a, w = q.act_spec, q.w_spec
-    if a is None or q.act_static or not a.symmetric or a.granularity not in ("token", "group"):
+    if a is None or q.act_static or a.granularity not in ("token", "group"):
         return False
+    if not a.symmetric and (a.granularity != "token" or w.granularity != "channel"):
+        return False  # zero-point correction: per-token activations, per-channel weights
     if not w.symmetric or q.w_zero is not None or w.granularity not in ("channel", "group"):
         return False
     k, n = q.in_features, q.out_features
@@ -145,8 +153,13 @@ def _kernel_forward(q, x2: jax.Array, *, fuse: bool, hopper: bool) -> jax.Array:
         l1 = jnp.pad(l1, ((0, 0), (0, pad)))
         l2 = jnp.pad(l2, ((0, pad), (0, 0)))
     ag = _act_group(q)
-    codes, sx, xl1 = triton_kernels.quantize_act(
-        x2, bits=q.act_spec.bits, smooth=q.smooth, had_block=q.had_block, l1=l1, group_size=ag, block_m=16)
+    qcfg = triton_kernels.quantize_config(m_pad, q.in_features, dot=l1 is not None or bool(q.had_block),
+                                          smooth=q.smooth is not None, grouped=bool(ag))
+    sym = q.act_spec.symmetric
+    outs = triton_kernels.quantize_act(x2, bits=q.act_spec.bits, smooth=q.smooth, had_block=q.had_block, l1=l1,
+                                       group_size=ag, symmetric=sym, **qcfg)
+    codes, sx, xl1 = outs[:3]
+    zx = None if sym else outs[3]
     bias = None if q.bias is None else q.bias.astype(jnp.float32)
     group = max(ag, q.w_spec.group_size if q.w_spec.granularity == "group" else 0)
     use_ws = hopper and group in (0, 64, 128)
@@ -155,14 +168,19 @@ def _kernel_forward(q, x2: jax.Array, *, fuse: bool, hopper: bool) -> jax.Array:
 
         fuse = fuse and xl1 is not None
         sw = q.w_scale.reshape(-1) if q.w_spec.granularity == "channel" else q.w_scale
-        y = mosaic_kernels.int8_gemm_ws(codes, _weight_nk(q), sx if ag else sx[:, 0], sw, bias=bias,
+        tile_n = None  # the kernel's default (64) with group scales or a second accumulator
+        if not (group or fuse):
+            tile_n = mosaic_kernels.pick_tile_n(m_pad, q.out_features, num_sms=_num_sms())
+        wt = _weight_nk(q)
+        y = mosaic_kernels.int8_gemm_ws(codes, wt, sx if ag else sx[:, 0], sw, bias=bias,
                                         xa=xl1 if fuse else None, l2=l2 if fuse else None,
-                                        out_dtype=jnp.bfloat16)
+                                        x_zero=None if zx is None else zx[:, 0],
+                                        tile_n=tile_n, out_dtype=jnp.bfloat16)
         if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
             y = (y.astype(jnp.float32) + jnp.dot(xl1, l2.astype(jnp.bfloat16),
                                                  preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
     else:
-        y = triton_kernels.int_gemm(codes, q.qweight, sx, q.w_scale, bias=bias, xa=xl1, l2=l2,
+        y = triton_kernels.int_gemm(codes, q.qweight, sx, q.w_scale, bias=bias, xa=xl1, l2=l2, x_zero=zx,
                                     packed=q.packed, w_kmajor=q.w_layout == "nk",
                                     out_dtype=jnp.bfloat16, block_m=bm)
     return y[:m]

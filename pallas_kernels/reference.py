@@ -44,7 +44,8 @@ def transform_input(x: jax.Array, smooth: Optional[jax.Array] = None, had_block:
 
 
 def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = None,
-                 had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0):
+                 had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0,
+                 symmetric: bool = True):
     """Fused activation quantization (dynamic, symmetric, per token or per (token, group)).
 
     Args:
@@ -52,21 +53,36 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
       smooth: optional ``[K]`` divisor.  had_block: block-Hadamard size (0 = none).
       l1: optional ``[K, r]`` low-rank down-projection factor.
       group_size: 0 = one scale per token; G = one per token and G consecutive channels.
+      symmetric: False = asymmetric per-token codes (``group_size`` must be 0): the
+        quantizer's ``u = clip(round(x'/s) + z, 0, 2^b - 1)`` with ``s = (hi - lo) / (2^b - 1)``,
+        ``lo = min(x', 0)``, ``hi = max(x', 0)``, ``z = clip(round(-lo / s), 0, 2^b - 1)``,
+        carried as signed int8 ``u - 2^(b-1)`` (what an s8 tensor-core GEMM takes) with the
+        zero point shifted the same way.
     Returns:
       ``codes`` int8 ``[M, K]``, ``scale`` float32 ``[M, 1]`` (or ``[M, K / G]``;
       ``absmax / qmax`` floored at 1e-8), and ``xl1`` float32 ``[M, r]`` = ``x' @ l1`` of
-      the transformed, unquantized ``x'`` (None without ``l1``).
+      the transformed, unquantized ``x'`` (None without ``l1``); asymmetric: a fourth
+      output, the shifted zero point ``z - 2^(b-1)`` float32 ``[M, 1]``
+      (``x' ≈ scale · (codes - zero)``).
     """
-    qmax = 2 ** (bits - 1) - 1
     xt = transform_input(x, smooth, had_block)
+    xl1 = None if l1 is None else jnp.dot(xt, l1.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    if not symmetric:
+        if group_size:
+            raise ValueError("asymmetric activation codes are per token (group_size must be 0)")
+        qmax, half = 2 ** bits - 1, 2 ** (bits - 1)
+        lo = jnp.minimum(jnp.min(xt, axis=1, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(xt, axis=1, keepdims=True), 0.0)
+        scale = jnp.maximum((hi - lo) / qmax, _TINY)
+        zero = jnp.clip(jnp.round(-lo / scale), 0, qmax)
+        codes = jnp.clip(jnp.round(xt / scale) + zero, 0, qmax) - half
+        return codes.astype(jnp.int8), scale, xl1, zero - half
+    qmax = 2 ** (bits - 1) - 1
     m, k = xt.shape
     g = group_size or k
     xg = xt.reshape(m, k // g, g)
     scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax, _TINY)
     codes = jnp.clip(jnp.round(xg / scale), -qmax - 1, qmax).astype(jnp.int8).reshape(m, k)
-    xl1 = None
-    if l1 is not None:
-        xl1 = jnp.dot(xt, l1.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return codes, scale[..., 0], xl1
 
 
@@ -82,11 +98,13 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
              bias: Optional[jax.Array] = None, xa: Optional[jax.Array] = None,
              l2: Optional[jax.Array] = None, residual: Optional[jax.Array] = None,
              gate: Optional[jax.Array] = None, packed: bool = False,
-             out_dtype=jnp.bfloat16) -> jax.Array:
+             x_zero: Optional[jax.Array] = None, out_dtype=jnp.bfloat16) -> jax.Array:
     """Integer GEMM with fused epilogue.
 
     ``y = Σ_g (xq[:, g] @ W[g]) · sx · sw[g] + bias + xa @ l2``, then
-    ``out = residual + gate · y`` (each term optional).
+    ``out = residual + gate · y`` (each term optional).  With asymmetric activations
+    (``x_zero``, per token, one scale group): ``y = (xq @ W - x_zero ⊗ colsum(W)) · sx · sw + ...``
+    = ``((xq - x_zero) @ W) · sx · sw + ...``, the zero-point correction.
 
     Args:
       xq: int8 ``[M, K]`` activation codes.  wq: int8 ``[K, N]`` codes, or uint8
@@ -96,6 +114,7 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
       bias: ``[N]``.  xa: ``[M, r]`` (``x' L1``), l2: ``[r, N]`` low-rank up-projection.
       residual: ``[M, N]``.  gate: ``[B, N]`` with ``M % B == 0``: row m uses
         ``gate[m // (M / B)]`` (DiT's per-sample gate over its tokens).
+      x_zero: float32 ``[M, 1]`` activation zero points (see :func:`quantize_act`).
     Returns: ``out_dtype [M, N]``.
     """
     w = unpack_int4(wq) if packed else wq
@@ -105,9 +124,14 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
     sw = sw.astype(jnp.float32)
     groups = max(sw.shape[0], sx.shape[1])
     g = k // groups
+    if x_zero is not None and groups > 1:
+        raise ValueError("activation zero points need one scale group (per-token activations)")
     if groups == 1:
         acc = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * sw * sx
+        y = acc.astype(jnp.float32)
+        if x_zero is not None:
+            y = y - x_zero.astype(jnp.float32) * jnp.sum(w.astype(jnp.int32), axis=0).astype(jnp.float32)
+        y = y * sw * sx
     else:  # exact int32 partial product per group, then its scales (memory O(M N))
         swg = jnp.broadcast_to(sw, (groups, n))
         sxg = jnp.broadcast_to(sx, (m, groups))

@@ -54,7 +54,8 @@ def _pow2_divisor(k: int, cap: int) -> int:
 
 
 # --------------------------------------------------------------------------- quantize
-def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass, grouped):
+def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass, grouped,
+                  symmetric):
     it = iter(refs)
     x_ref = next(it)
     s_ref = next(it) if has_smooth else None
@@ -62,8 +63,10 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
     l1_ref = next(it) if has_l1 else None
     q_ref, sc_ref = next(it), next(it)
     xl1_ref = next(it) if has_l1 else None
+    zp_ref = None if symmetric else next(it)
     nk = k_total // bk
     bm = x_ref.shape[0]
+    half = (qmax + 1) // 2  # asymmetric: codes in [0, qmax] stored shifted by -half as int8
 
     def load(kk):
         x = x_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
@@ -77,15 +80,39 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
                  + jnp.dot(lo, h, preferred_element_type=jnp.float32)) * (1.0 / float(np.sqrt(had_block)))
         return x
 
-    def sweep1_value(kk, x, amax, acc):
-        amax = jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1, keepdims=True))
+    # row statistics: (absmax,) symmetric, (min, max) asymmetric
+    def stats0():
+        z = jnp.zeros((bm, 1), jnp.float32)
+        return (z,) if symmetric else (z, z)  # zeros: the asymmetric range always includes 0
+
+    def stats_update(st, x):
+        if symmetric:
+            return (jnp.maximum(st[0], jnp.max(jnp.abs(x), axis=1, keepdims=True)),)
+        return (jnp.minimum(st[0], jnp.min(x, axis=1, keepdims=True)),
+                jnp.maximum(st[1], jnp.max(x, axis=1, keepdims=True)))
+
+    def qparams(st):
+        """(scale, zero | None) as jaxdq.quant.quantizer computes them."""
+        if symmetric:
+            return jnp.maximum(st[0] / qmax, _TINY), None
+        scale = jnp.maximum((st[1] - st[0]) / qmax, _TINY)
+        return scale, jnp.clip(_round_even(-st[0] / scale), 0.0, float(qmax))
+
+    def encode(x, scale, zero):
+        if symmetric:
+            return jnp.clip(_round_even(x / scale), -qmax - 1, qmax).astype(jnp.int8)
+        return (jnp.clip(_round_even(x / scale) + zero, 0.0, float(qmax)) - half).astype(jnp.int8)
+
+    def down_proj(kk, x, acc):
         if has_l1:
             acc = acc + jnp.dot(x.astype(jnp.bfloat16), l1_ref[pl.ds(kk * bk, bk), :],
                                 preferred_element_type=jnp.float32)
-        return amax, acc
+        return acc
 
-    def sweep1(kk, carry):
-        return sweep1_value(kk, load(kk), *carry)
+    def store_params(scale, zero):
+        sc_ref[...] = scale
+        if zp_ref is not None:
+            zp_ref[...] = zero - half
 
     r = l1_ref.shape[1] if has_l1 else 1
     if grouped:  # one scale per (row, bk-chunk): a single sweep
@@ -93,53 +120,78 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
             x = load(kk)
             scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True) / qmax, _TINY)
             sc_ref[:, pl.ds(kk, 1)] = scale
-            q_ref[:, pl.ds(kk * bk, bk)] = jnp.clip(_round_even(x / scale), -qmax - 1, qmax).astype(jnp.int8)
-            if has_l1:
-                acc = acc + jnp.dot(x.astype(jnp.bfloat16), l1_ref[pl.ds(kk * bk, bk), :],
-                                    preferred_element_type=jnp.float32)
-            return acc
+            q_ref[:, pl.ds(kk * bk, bk)] = encode(x, scale, None)
+            return down_proj(kk, x, acc)
         acc = jax.lax.fori_loop(0, nk, chunk, jnp.zeros((bm, r), jnp.float32))
         if has_l1:
             xl1_ref[...] = acc.astype(xl1_ref.dtype)
         return
     if single_pass:  # every chunk stays in registers (static unroll): X read once
-        amax = jnp.zeros((bm, 1), jnp.float32)
-        acc = jnp.zeros((bm, r), jnp.float32)
+        st, acc = stats0(), jnp.zeros((bm, r), jnp.float32)
         chunks = []
         for kk in range(nk):
             x = load(kk)
             chunks.append(x)
-            amax, acc = sweep1_value(kk, x, amax, acc)
-        scale = jnp.maximum(amax / qmax, _TINY)
-        sc_ref[...] = scale
+            st, acc = stats_update(st, x), down_proj(kk, x, acc)
+        scale, zero = qparams(st)
+        store_params(scale, zero)
         if has_l1:
             xl1_ref[...] = acc.astype(xl1_ref.dtype)
         for kk, x in enumerate(chunks):
-            q = jnp.clip(_round_even(x / scale), -qmax - 1, qmax)
-            q_ref[:, pl.ds(kk * bk, bk)] = q.astype(jnp.int8)
+            q_ref[:, pl.ds(kk * bk, bk)] = encode(x, scale, zero)
         return
 
-    amax0 = jnp.zeros((bm, 1), jnp.float32)
-    acc0 = jnp.zeros((bm, r), jnp.float32)
-    amax, acc = jax.lax.fori_loop(0, nk, sweep1, (amax0, acc0))
-    scale = jnp.maximum(amax / qmax, _TINY)
-    sc_ref[...] = scale
+    def sweep1(kk, carry):
+        st, acc = carry
+        x = load(kk)
+        return stats_update(st, x), down_proj(kk, x, acc)
+
+    st, acc = jax.lax.fori_loop(0, nk, sweep1, (stats0(), jnp.zeros((bm, r), jnp.float32)))
+    scale, zero = qparams(st)
+    store_params(scale, zero)
     if has_l1:
         xl1_ref[...] = acc.astype(xl1_ref.dtype)
 
     def sweep2(kk, c):
-        x = load(kk)
-        q = jnp.clip(_round_even(x / scale), -qmax - 1, qmax)
-        q_ref[:, pl.ds(kk * bk, bk)] = q.astype(jnp.int8)
+        q_ref[:, pl.ds(kk * bk, bk)] = encode(load(kk), scale, zero)
         return c
 
     jax.lax.fori_loop(0, nk, sweep2, 0)
 
 
+def quantize_config(m: int, k: int, *, dot: bool, smooth: bool, grouped: bool) -> dict:
+    """Launch parameters of :func:`quantize_act` for ``X [m, k]`` (H100 measurements).
+
+    ``dot``: the kernel has a tensor-core product (the down-projection ``X' L1`` or the
+    block-Hadamard), whose operand needs ≥ 16 rows per program; ``smooth``: the divide by
+    the smoothing vector; ``grouped``: one scale per (token, group).  Chosen from
+    bench/results/kernels_h100_run3.json (CUPTI), e.g. per-token without smoothing, 512×1152:
+    one pass of 4 rows 2.5 µs vs 7.5 µs for two sweeps of 16; 8192×1152: 13.2 µs = 74% of
+    HBM bandwidth; smoothing + rank-32 down-projection, 8192×1152: two sweeps of 64 rows
+    43.9 µs vs 70.6 µs at the old 16-row default.  Returns keyword arguments for
+    :func:`quantize_act` (``block_m`` divides any ``m`` that is a multiple of 32).
+    """
+    if grouped:
+        return dict(block_m=32, num_warps=4, num_stages=3)
+    if dot:
+        if k > 2048:
+            return dict(block_m=16, num_warps=4, num_stages=1)
+        if m <= 1024:
+            return dict(block_m=16, num_warps=8, single_pass=True)
+        return dict(block_m=64, num_warps=8, num_stages=3)
+    if smooth:
+        if k <= 2048:
+            return dict(block_m=4, num_warps=8, single_pass=True)
+        return dict(block_m=4, num_warps=4, num_stages=3)
+    if k <= 4608:
+        return dict(block_m=4, num_warps=4, single_pass=True)
+    return dict(block_m=8, num_warps=4, num_stages=3)
+
+
 def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = None,
                  had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0,
                  block_m: int = 16, num_warps: int = 4, num_stages: int = 1, single_pass: bool = False,
-                 interpret: bool = False):
+                 symmetric: bool = True, interpret: bool = False):
     """Fused dynamic per-token activation quantization (see module docstring).
 
     Args:
@@ -149,11 +201,15 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
         to ``had_block`` if both are set) = one scale per token and G channels, in one sweep.
       single_pass: keep the row block's chunks in registers (one read of X; for
         ``block_m · K`` up to ~16K elements per 4 warps) instead of two sweeps over K.
+      symmetric: False = asymmetric per-token codes, shifted to int8, and a fourth output,
+        the shifted zero point f32 ``[M, 1]`` (semantics: :func:`pallas_kernels.reference.quantize_act`).
     Returns: codes int8 ``[M, K]``, scale f32 ``[M, 1]`` (``[M, K/G]``), ``x' L1`` bf16
-    ``[M, r]`` (or None).
+    ``[M, r]`` (or None)[, zero f32 ``[M, 1]`` when asymmetric].
     """
     m, k = x.shape
-    qmax = 2 ** (bits - 1) - 1
+    qmax = 2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1
+    if not symmetric and group_size:
+        raise ValueError("asymmetric activation codes are per token (group_size must be 0)")
     if group_size and had_block and group_size != had_block:
         raise ValueError(f"per-group activation scales need had_block == group_size, got {had_block}, {group_size}")
     bk = group_size or had_block or _pow2_divisor(k, 512)
@@ -174,17 +230,33 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
         specs.append(pl.BlockSpec((k, r), lambda i: (0, 0)))
         out_shape.append(jax.ShapeDtypeStruct((m, r), jnp.bfloat16))
         out_specs.append(pl.BlockSpec((block_m, r), lambda i: (i, 0)))
+    if not symmetric:
+        out_shape.append(jax.ShapeDtypeStruct((m, 1), jnp.float32))
+        out_specs.append(pl.BlockSpec((block_m, 1), lambda i: (i, 0)))
     kern = functools.partial(_quant_kernel, k_total=k, bk=bk, qmax=qmax, has_smooth=smooth is not None,
                              has_had=bool(had_block), has_l1=l1 is not None, had_block=had_block,
-                             single_pass=single_pass, grouped=bool(group_size))
+                             single_pass=single_pass, grouped=bool(group_size), symmetric=symmetric)
     outs = pl.pallas_call(kern, grid=(m // block_m,), in_specs=specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret,
                           compiler_params=None if interpret else _params(num_warps, num_stages),
                           name="jaxdq_quantize_act")(*args)
-    return outs[0], outs[1], (outs[2] if l1 is not None else None)
+    xl1 = outs[2] if l1 is not None else None
+    return (outs[0], outs[1], xl1) if symmetric else (outs[0], outs[1], xl1, outs[-1])
 
 
 # --------------------------------------------------------------------------- int GEMM
+def weight_colsum(wq, *, packed: bool = False, kmajor: bool = False) -> jax.Array:
+    """f32 ``[N]``: Σ_k of the weight codes (the zero-point correction's ``colsum(W)``).
+
+    ``wq`` int8 ``[K, N]`` / ``[N, K]`` (``kmajor``), or packed uint8 (pairs along N, or
+    along K when ``kmajor``).  Exact: |Σ| ≤ 128·K < 2^24 for K < 131072.
+    """
+    if packed:
+        from pallas_kernels.reference import unpack_int4
+        wq = unpack_int4(wq)
+    return jnp.sum(wq.astype(jnp.int32), axis=1 if kmajor else 0).astype(jnp.float32)
+
+
 def _unpack(p):
     """uint8 ``[bk, bn/2]`` → int8 ``[bk, bn]`` (low nibble first, sign-extended)."""
     p = p.astype(jnp.int32)
@@ -196,9 +268,10 @@ def _unpack(p):
     return w.astype(jnp.int8)
 
 
-def _gemm_kernel(*refs, k_total, bk, packed, kmajor, grouped, has_bias, has_lr, has_gate, has_res):
+def _gemm_kernel(*refs, k_total, bk, packed, kmajor, grouped, has_zero, has_bias, has_lr, has_gate, has_res):
     it = iter(refs)
     x_ref, w_ref, sx_ref, sw_ref = next(it), next(it), next(it), next(it)
+    zx_ref, ws_ref = (next(it), next(it)) if has_zero else (None, None)
     b_ref = next(it) if has_bias else None
     xa_ref, l2_ref = (next(it), next(it)) if has_lr else (None, None)
     g_ref = next(it) if has_gate else None
@@ -230,6 +303,8 @@ def _gemm_kernel(*refs, k_total, bk, packed, kmajor, grouped, has_bias, has_lr, 
     acc0 = jnp.zeros((bm, bn), jnp.float32 if grouped else jnp.int32)
     acc = jax.lax.fori_loop(0, nk, body, acc0)
     y = acc.astype(jnp.float32)
+    if has_zero:  # asymmetric activations: Σ (q - z) w = Σ q w - z · colsum(w)
+        y = y - zx_ref[...] * ws_ref[...]
     if not grouped:
         y = y * sw_ref[...]
     if not act_grouped:
@@ -246,6 +321,7 @@ def _gemm_kernel(*refs, k_total, bk, packed, kmajor, grouped, has_bias, has_lr, 
 
 
 def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate=None,
+             x_zero=None, w_colsum=None,
              packed: bool = False, w_kmajor: bool = False, out_dtype=jnp.bfloat16, block_m: int = 128,
              block_n: int = 128, block_k: Optional[int] = None, num_warps: int = 8, num_stages: int = 3,
              interpret: bool = False):
@@ -254,6 +330,8 @@ def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate
     ``w_kmajor``: ``wq`` is stored ``[N, K]`` (packed ``[N, K/2]``, pairs along K), the
     layout of ``QLinear(w_layout="nk")``; else ``[K, N]`` (packed ``[K, N/2]``).
     ``sx`` ``[M, 1]`` per token or ``[M, K/G]`` per (token, group); ``sw`` ``[1, N]`` or ``[K/G, N]``.
+    ``x_zero`` f32 ``[M, 1]``: asymmetric activation zero points (per-token scales only);
+    ``w_colsum`` f32 ``[1, N]`` the weight codes' column sums over K (computed here when None).
     Requirements: ``M % block_m == 0``, ``N % block_n == 0``; group scales make ``block_k``
     the group size; the gate's tokens per sample ``M / B`` divisible by block_m.
     """
@@ -275,6 +353,13 @@ def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate
     specs = [pl.BlockSpec((block_m, k), lambda i, j: (i, 0)), w_spec,
              pl.BlockSpec((block_m, sx.shape[1]), lambda i, j: (i, 0)),
              pl.BlockSpec((sw.shape[0], block_n), lambda i, j: (0, j))]
+    if x_zero is not None:
+        if grouped:
+            raise ValueError("activation zero points need per-token scales (one scale group)")
+        if w_colsum is None:
+            w_colsum = weight_colsum(wq, packed=packed, kmajor=w_kmajor)
+        args += [x_zero.reshape(m, 1).astype(jnp.float32), w_colsum.reshape(1, n).astype(jnp.float32)]
+        specs += [pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)), pl.BlockSpec((1, block_n), lambda i, j: (0, j))]
     if bias is not None:
         args.append(bias.reshape(1, n))
         specs.append(pl.BlockSpec((1, block_n), lambda i, j: (0, j)))
@@ -292,7 +377,7 @@ def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate
         args.append(residual)
         specs.append(pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)))
     kern = functools.partial(_gemm_kernel, k_total=k, bk=bk, packed=packed, kmajor=w_kmajor,
-                             grouped=grouped, has_bias=bias is not None, has_lr=xa is not None,
+                             grouped=grouped, has_zero=x_zero is not None, has_bias=bias is not None, has_lr=xa is not None,
                              has_gate=gate is not None, has_res=residual is not None)
     return pl.pallas_call(
         kern, grid=(m // block_m, n // block_n), in_specs=specs,

@@ -51,6 +51,27 @@ def test_jax_nn_path_matches_reference():
         attention(q, k, v, impl="flash")
 
 
+def test_cudnn_path_casts_float32_to_bf16(monkeypatch):
+    """cuDNN takes half types only: float32 q/k/v (PixArt's) go in as bf16, come out float32.
+
+    No GPU here, so jax.nn's cuDNN call is replaced by its XLA implementation after
+    checking what it was given."""
+    seen = []
+    orig = jax.nn.dot_product_attention
+
+    def fake(q, k, v, bias=None, implementation=None):
+        seen.append((implementation, q.dtype, k.dtype, v.dtype, None if bias is None else bias.dtype))
+        return orig(q, k, v, bias=bias, implementation="xla")
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    q, k, v, bias = _qkv(jnp.float32)
+    got = attention(q, k, v, bias, impl="cudnn")
+    assert seen == [("cudnn", jnp.bfloat16, jnp.bfloat16, jnp.bfloat16, jnp.bfloat16)]
+    assert got.dtype == jnp.float32
+    want = _np_attention(q, k, v, bias)
+    assert np.abs(np.asarray(got, np.float64) - want).max() < 3e-2  # bf16 inputs and probabilities
+
+
 def test_model_config_selects_attention():
     from jaxdq.models.dit import DiT, dit_config, init_dit
     from jaxdq.models.pixart import PixArt, init_pixart, pixart_config

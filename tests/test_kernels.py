@@ -72,6 +72,82 @@ def test_quantize_kernel_vs_reference(bits, had, single):
     assert err < 1.5e-2  # bf16 operands, f32 accumulation
 
 
+@pytest.mark.parametrize("m,k,dot,smooth,grouped", [
+    (64, 128, True, True, False), (1152, 128, True, True, False), (64, 5120, True, True, False),
+    (64, 128, False, True, False), (64, 5120, False, True, False),
+    (64, 128, False, False, False), (64, 5120, False, False, False), (64, 128, True, True, True)])
+def test_quantize_config_choices_run_exactly(m, k, dot, smooth, grouped):
+    """Every launch configuration ``qlinear_apply`` picks gives the reference's codes."""
+    cfg = tk.quantize_config(m, k, dot=dot, smooth=smooth, grouped=grouped)
+    assert m % cfg["block_m"] == 0 and (not dot or cfg["block_m"] >= 16)
+    ks = _keys(m + k, 3)
+    x = (jax.random.normal(ks[0], (m, k)) * jnp.linspace(0.1, 4.0, k)).astype(jnp.bfloat16)
+    kw = dict(smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0) if smooth else None,
+              l1=jax.random.normal(ks[2], (k, R)) / math.sqrt(k) if dot else None,
+              group_size=64 if grouped else 0, bits=4 if grouped else 8)
+    q, s, xl1 = tk.quantize_act(x, **kw, **cfg, interpret=True)
+    q0, s0, xl10 = ref.quantize_act(x, **kw)
+    assert np.array_equal(np.asarray(q), np.asarray(q0)) and np.array_equal(np.asarray(s), np.asarray(s0))
+    if dot:
+        assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
+
+
+def test_pick_tile_n_follows_the_h100_measurements():
+    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    # (M, N) → the faster tile_n measured on an H100 (bench/results/kernels_h100_run3.json)
+    measured = {(512, 3456): 64, (512, 1152): 64, (640, 2304): 64, (512, 4608): 128, (8192, 4608): 128,
+                (8192, 3456): 128, (4608, 9216): 128, (4608, 12288): 128, (4608, 3072): 128}
+    for (m, n), want in measured.items():
+        assert mk.pick_tile_n(m, n, num_sms=132) == want, (m, n)
+    assert mk.pick_tile_n(512, 3456, num_sms=32) == 128  # few SMs: the 128 tiles fill them
+
+
+@pytest.mark.parametrize("bits,single", [(8, False), (8, True), (4, False)])
+def test_quantize_kernel_asymmetric_matches_the_library_quantizer(bits, single):
+    """Asymmetric per-token codes: the kernel = the reference = jaxdq's quantizer, shifted."""
+    from jaxdq.quant.quantizer import quantize_activation
+
+    k = _keys(80 + bits, 3)
+    # mostly-positive rows (post-GELU-like) and a row of zeros: asymmetric ranges
+    x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K) + 1.5).astype(jnp.bfloat16)
+    x = x.at[3].set(0)
+    smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
+    l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
+    q, s, xl1, z = tk.quantize_act(x, bits=bits, smooth=smooth, l1=l1, symmetric=False, single_pass=single,
+                                   block_m=16, interpret=True)
+    q0, s0, xl10, z0 = ref.quantize_act(x, bits=bits, smooth=smooth, l1=l1, symmetric=False)
+    assert np.array_equal(np.asarray(q), np.asarray(q0)) and np.array_equal(np.asarray(s), np.asarray(s0))
+    assert np.array_equal(np.asarray(z), np.asarray(z0)) and z.shape == (M, 1)
+    half = 2 ** (bits - 1)
+    assert np.asarray(q).min() >= -half and np.asarray(q).max() <= half - 1
+    lib_q, lib_s, lib_z = quantize_activation(ref.transform_input(x, smooth),
+                                              QuantSpec(bits, symmetric=False, granularity="token"))
+    assert np.array_equal(np.asarray(q0, np.int32) + half, np.asarray(lib_q, np.int32))
+    assert np.array_equal(np.asarray(s0), np.asarray(lib_s)) and np.array_equal(np.asarray(z0) + half, np.asarray(lib_z))
+    assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
+    with pytest.raises(ValueError, match="per token"):
+        tk.quantize_act(x, symmetric=False, group_size=64, interpret=True)
+
+
+@pytest.mark.parametrize("packed,kmajor", [(False, False), (True, True)])
+def test_int_gemm_zero_point_correction(packed, kmajor):
+    """``(xq - z) @ W`` through ``xq @ W - z ⊗ colsum(W)`` vs a float64 product."""
+    xq, wq, sx, sw, bias, _, _, _, _ = _gemm_inputs(85, packed=packed)
+    z = jnp.round(jax.random.uniform(jax.random.key(86), (M, 1), minval=-128, maxval=127))
+    w = np.asarray(ref.unpack_int4(wq) if packed else wq, np.float64)
+    want64 = ((np.asarray(xq, np.float64) - _f32(z)) @ w) * _f32(sx) * _f32(sw) + _f32(bias)
+    want = ref.int_gemm(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z, out_dtype=jnp.float32)
+    np.testing.assert_allclose(_f32(want), want64, rtol=1e-5, atol=1e-5 * np.abs(want64).max())
+    wk = wq
+    if kmajor:
+        wk = pack_int4(ref.unpack_int4(wq).T) if packed else wq.T
+    got = tk.int_gemm(xq, wk, sx, sw, bias=bias, x_zero=z, packed=packed, w_kmajor=kmajor,
+                      block_m=16, block_n=32, interpret=True)
+    _close_bf16(got, ref.int_gemm(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z))
+    with pytest.raises(ValueError, match="one scale group"):
+        ref.int_gemm(xq, wq, jnp.ones((M, 2)), sw, packed=packed, x_zero=z)
+
+
 def _gemm_inputs(seed, packed=False, group=None):
     k = _keys(seed, 9)
     xq = jax.random.randint(k[0], (M, K), -128, 128).astype(jnp.int8)
@@ -131,11 +207,13 @@ def test_mosaic_ws_variants_lower_for_cuda():
     f32, bf = jnp.float32, jnp.bfloat16
     cases = [  # (weight dtype, sx shape, sw shape, low rank: 0 none, 1 second accumulator, 2 in the result)
         (jnp.int4, (m,), (n,), 0), (jnp.int4, (m, k // 64), (k // 64, n), 1),
-        (jnp.int8, (m, k // 128), (k // 128, n), 0), (jnp.int8, (m,), (n,), 1), (jnp.int8, (m,), (n,), 2)]
+        (jnp.int8, (m, k // 128), (k // 128, n), 0), (jnp.int8, (m,), (n,), 1), (jnp.int8, (m,), (n,), 2),
+        (jnp.int8, (m,), (n,), 3)]  # 3: asymmetric activations (zero points)
     for wdt, sxs, sws, lr in cases:
         def f(x, w, sx, sw, b, xa, l2):
-            return mk.int8_gemm_ws(x, w, sx, sw, bias=b, xa=xa if lr else None, l2=l2 if lr else None,
-                                   lr_in_acc=lr == 2)
+            return mk.int8_gemm_ws(x, w, sx, sw, bias=b, xa=xa if lr in (1, 2) else None,
+                                   l2=l2 if lr in (1, 2) else None, lr_in_acc=lr == 2,
+                                   x_zero=sx if lr == 3 else None)
         txt = jax.jit(f).trace(S((m, k), jnp.int8), S((n, k), wdt), S(sxs, f32), S(sws, f32), S((n,), f32),
                                S((m, 32), bf), S((32, n), bf)).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in txt
@@ -187,6 +265,28 @@ def test_mosaic_ws_gemm_in_gpu_interpreter_vs_reference(case):
         assert np.abs(_f32(got) - xf @ wf).max() <= 2 ** -7 * np.abs(xf @ wf).max()
 
 
+@pytest.mark.parametrize("w4", [False, True])
+def test_mosaic_ws_zero_point_in_gpu_interpreter(w4):
+    """Asymmetric activations on the Hopper kernel: the epilogue's ``- z ⊗ colsum(W)``."""
+    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    params = mk.gpu_interpret_params()
+    if params is None:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+    m, k, n = 128, 256, 256
+    ks = _keys(95 + w4, 5)
+    xq = jax.random.randint(ks[0], (m, k), -128, 128).astype(jnp.int8)
+    qw = 8 if w4 else 128
+    w = jax.random.randint(ks[1], (k, n), -qw, qw).astype(jnp.int8)
+    sx = jax.random.uniform(ks[2], (m, 1), minval=1e-3, maxval=2e-2)
+    sw = jax.random.uniform(ks[3], (1, n), minval=1e-3, maxval=2e-2)
+    z = jnp.round(jax.random.uniform(ks[4], (m, 1), minval=-128, maxval=127))
+    wt = w.T.astype(jnp.int4) if w4 else w.T
+    got = mk.int8_gemm_ws(xq, wt, sx[:, 0], sw[0], x_zero=z[:, 0], num_sms=2, interpret=params)
+    _close_bf16(got, ref.int_gemm(xq, w, sx, sw, x_zero=z))
+    want64 = ((np.asarray(xq, np.float64) - _f32(z)) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw)
+    assert np.abs(_f32(got) - want64).max() <= 2 ** -7 * np.abs(want64).max()
+
+
 @pytest.mark.parametrize("had", [0, 64])
 def test_quantize_kernel_per_group_scales(had):
     k = _keys(60 + had, 3)
@@ -229,7 +329,8 @@ def test_gemm_per_token_group_scales_and_kmajor(kmajor, packed):
     _close_bf16(got, want)
 
 
-def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True, act_group=0):
+def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True, act_group=0,
+             act_symmetric=True):
     k = _keys(seed, 6)
     w = jax.random.normal(k[0], (K, N)) / math.sqrt(K)
     codes, s, _ = quantize_weight(w, w_spec)
@@ -241,12 +342,12 @@ def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=Tr
         lowrank_b=jax.random.normal(k[4], (R, N)) * 0.1 if lowrank else None,
         w_spec=w_spec, packed=packed, impl="int",
         act_spec=QuantSpec(bits=bits, granularity="group", group_size=act_group) if act_group
-        else QuantSpec(bits=bits, granularity="token"),
+        else QuantSpec(bits=bits, granularity="token", symmetric=act_symmetric),
         had_block=had)
 
 
 @pytest.mark.parametrize("case", ["w8a8", "w8a8_had", "w4a8_group", "w4a4_channel", "w4a4_group_nk",
-                                  "w8a8_nk"])
+                                  "w8a8_nk", "w8a8_asym", "w4a8_asym_nk"])
 def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
     """The kernel composition qlinear_apply runs on a GPU, forced onto the interpret path."""
     g64 = QuantSpec(4, granularity="group", group_size=64)
@@ -255,7 +356,11 @@ def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
            "w4a8_group": dict(w_spec=g64, packed=True),
            "w4a4_channel": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True, bits=4),
            "w4a4_group_nk": dict(w_spec=g64, packed=True, bits=4, act_group=64),  # SVDQuant's W4A4
-           "w8a8_nk": dict(w_spec=QuantSpec(8, granularity="channel"))}[case]
+           "w8a8_nk": dict(w_spec=QuantSpec(8, granularity="channel")),
+           # asymmetric per-token activations: shifted codes + zero-point correction
+           "w8a8_asym": dict(w_spec=QuantSpec(8, granularity="channel"), act_symmetric=False),
+           "w4a8_asym_nk": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True,
+                                act_symmetric=False)}[case]
     q = _qlinear(30, **cfg)
     if case.endswith("_nk"):
         q = q.to_layout("nk")
@@ -291,7 +396,12 @@ def test_kernel_supported_rules():
     q2 = q.replace(qweight=jnp.zeros((K, 128), jnp.int8), w_scale=jnp.ones((1, 128)),
                    bias=None, lowrank_b=None, lowrank_a=None)
     assert ops.kernel_supported(q2)
-    assert not ops.kernel_supported(q2.replace(act_spec=QuantSpec(8, symmetric=False, granularity="token")))
+    # asymmetric per-token activations: zero-point correction in the GEMM epilogue
+    assert ops.kernel_supported(q2.replace(act_spec=QuantSpec(8, symmetric=False, granularity="token")))
+    assert not ops.kernel_supported(q2.replace(
+        act_spec=QuantSpec(8, symmetric=False, granularity="group", group_size=64)))
+    assert not ops.kernel_supported(q2.replace(w_scale=jnp.ones((2, 128)), w_spec=QuantSpec(
+        8, granularity="group", group_size=64), act_spec=QuantSpec(8, symmetric=False, granularity="token")))
     assert not ops.kernel_supported(q2.replace(act_spec=None))
 
 

@@ -39,8 +39,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
       bias: ``[N, Tk]`` additive logit bias per key (a key mask as 0 / -inf-like), or None.
       impl: one of :data:`IMPLS` (module docstring).
     Returns:
-      ``[N, Tq, H, d]``: float32 for ``"float32"``, else ``v.dtype`` (q and k are cast to
-      it: RoPE may have promoted them to float32).
+      ``[N, Tq, H, d]``: float32 for ``"float32"``, else ``v.dtype``.  q and k are cast to
+      ``v.dtype`` (RoPE may have promoted them to float32); ``"cudnn"`` computes float32
+      inputs in bf16 (cuDNN takes fp16/bf16 only) and returns float32.
     """
     if impl == "float32":
         q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
@@ -49,9 +50,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
             logits = logits + bias.astype(jnp.float32)[:, None, None, :]
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
     check_attention_impl(impl)
-    dtype = v.dtype
-    q, k = q.astype(dtype), k.astype(dtype)
+    out_dtype = dtype = v.dtype
+    if impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
+        dtype = jnp.bfloat16  # cuDNN's fused attention takes half types only
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     b = None
     if bias is not None:  # cuDNN wants the bias as [N|1, H|1, Tq, Tk]
         b = jnp.broadcast_to(bias.astype(dtype)[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
-    return jax.nn.dot_product_attention(q, k, v, bias=b, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, bias=b, implementation=impl).astype(out_dtype)
