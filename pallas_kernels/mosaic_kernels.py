@@ -26,6 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.reference import weight_colsum
+
 
 #: Shared memory one CTA may use on sm_90 (232448 B, as Mosaic GPU reports it), less
 #: room for the pipeline's barriers.
@@ -142,7 +144,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         if grouped:
             raise ValueError("activation zero points need per-token scales (one scale group)")
         if w_colsum is None:
-            w_colsum = jnp.sum(wt.astype(jnp.int32), axis=1).astype(jnp.float32)
+            w_colsum = weight_colsum(wt, kmajor=True)
         x_zero = x_zero.reshape(m).astype(jnp.float32)
     if grouped:
         if k % groups:

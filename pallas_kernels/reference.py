@@ -94,6 +94,16 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return nib.reshape(packed.shape[:-1] + (2 * packed.shape[-1],)).astype(jnp.int8)
 
 
+def weight_colsum(wq: jax.Array, *, packed: bool = False, kmajor: bool = False) -> jax.Array:
+    """f32 ``[N]``: Σ_k of the weight codes, the zero-point correction's ``colsum(W)``.
+
+    ``wq``: int8 (or ``jnp.int4``) ``[K, N]``, ``[N, K]`` when ``kmajor``; ``packed``: uint8
+    with pairs along the last axis (:func:`unpack_int4`).  Exact: |Σ| ≤ 128·K < 2^24.
+    """
+    w = unpack_int4(wq) if packed else wq
+    return jnp.sum(w.astype(jnp.int32), axis=1 if kmajor else 0).astype(jnp.float32)
+
+
 def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
              bias: Optional[jax.Array] = None, xa: Optional[jax.Array] = None,
              l2: Optional[jax.Array] = None, residual: Optional[jax.Array] = None,
@@ -130,7 +140,7 @@ def int_gemm(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Array, *,
         acc = jax.lax.dot_general(xq, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         y = acc.astype(jnp.float32)
         if x_zero is not None:
-            y = y - x_zero.astype(jnp.float32) * jnp.sum(w.astype(jnp.int32), axis=0).astype(jnp.float32)
+            y = y - x_zero.astype(jnp.float32) * weight_colsum(w)
         y = y * sw * sx
     else:  # exact int32 partial product per group, then its scales (memory O(M N))
         swg = jnp.broadcast_to(sw, (groups, n))

@@ -28,7 +28,7 @@ except Exception:  # pragma: no cover
     plt = None
     _CompilerParams = None
 
-from pallas_kernels.reference import hadamard_matrix
+from pallas_kernels.reference import hadamard_matrix, weight_colsum
 
 _TINY = 1e-8
 
@@ -245,18 +245,6 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
 
 
 # --------------------------------------------------------------------------- int GEMM
-def weight_colsum(wq, *, packed: bool = False, kmajor: bool = False) -> jax.Array:
-    """f32 ``[N]``: Σ_k of the weight codes (the zero-point correction's ``colsum(W)``).
-
-    ``wq`` int8 ``[K, N]`` / ``[N, K]`` (``kmajor``), or packed uint8 (pairs along N, or
-    along K when ``kmajor``).  Exact: |Σ| ≤ 128·K < 2^24 for K < 131072.
-    """
-    if packed:
-        from pallas_kernels.reference import unpack_int4
-        wq = unpack_int4(wq)
-    return jnp.sum(wq.astype(jnp.int32), axis=1 if kmajor else 0).astype(jnp.float32)
-
-
 def _unpack(p):
     """uint8 ``[bk, bn/2]`` → int8 ``[bk, bn]`` (low nibble first, sign-extended)."""
     p = p.astype(jnp.int32)
