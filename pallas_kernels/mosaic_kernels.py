@@ -63,6 +63,11 @@ def _transforms(minor_elems: int, bits: int):
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
+def device_num_sms() -> int:
+    """Streaming multiprocessors of the default device (132 on an H100 SXM when unknown)."""
+    return getattr(jax.devices()[0], "core_count", None) or 132
+
+
 def pick_tile_n(m: int, n: int, *, num_sms: int, margin: float = 0.75) -> int:
     """``tile_n`` for the plain (per-channel, no second accumulator) :func:`int8_gemm_ws`.
 
@@ -347,7 +352,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     if num_sms is None:
-        num_sms = getattr(jax.devices()[0], "core_count", None) or 132
+        num_sms = device_num_sms()
     b = bias.astype(jnp.float32) if has_bias else jnp.zeros((n,), jnp.float32)
     f = plgpu.kernel(
         kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(num_sms,), grid_names=("sm",),

@@ -53,10 +53,6 @@ def _is_hopper() -> bool:
         return False
 
 
-def _num_sms() -> int:
-    return getattr(jax.devices()[0], "core_count", None) or 132
-
-
 def on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
@@ -170,9 +166,8 @@ def _kernel_forward(q, x2: jax.Array, *, fuse: bool, hopper: bool) -> jax.Array:
         sw = q.w_scale.reshape(-1) if q.w_spec.granularity == "channel" else q.w_scale
         tile_n = None  # the kernel's default (64) with group scales or a second accumulator
         if not (group or fuse):
-            tile_n = mosaic_kernels.pick_tile_n(m_pad, q.out_features, num_sms=_num_sms())
-        wt = _weight_nk(q)
-        y = mosaic_kernels.int8_gemm_ws(codes, wt, sx if ag else sx[:, 0], sw, bias=bias,
+            tile_n = mosaic_kernels.pick_tile_n(m_pad, q.out_features, num_sms=mosaic_kernels.device_num_sms())
+        y = mosaic_kernels.int8_gemm_ws(codes, _weight_nk(q), sx if ag else sx[:, 0], sw, bias=bias,
                                         xa=xl1 if fuse else None, l2=l2 if fuse else None,
                                         x_zero=None if zx is None else zx[:, 0],
                                         tile_n=tile_n, out_dtype=jnp.bfloat16)

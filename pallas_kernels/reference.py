@@ -15,6 +15,7 @@ import jax.numpy as jnp
 _TINY = 1e-8  # scale floor, as jaxdq.quant.quantizer
 
 from jaxdq.quant.hadamard import hadamard_matrix  # noqa: E402  (float64 numpy; shared with the transform)
+from jaxdq.quant.quantizer import QuantSpec, quantize_activation  # noqa: E402  (asymmetric codes)
 
 
 def block_hadamard(x: jax.Array, block: int) -> jax.Array:
@@ -53,7 +54,7 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
       smooth: optional ``[K]`` divisor.  had_block: block-Hadamard size (0 = none).
       l1: optional ``[K, r]`` low-rank down-projection factor.
       group_size: 0 = one scale per token; G = one per token and G consecutive channels.
-      symmetric: False = asymmetric per-token codes (``group_size`` must be 0): the
+      symmetric: False = asymmetric per-token codes (``group_size`` must be 0): jaxdq's
         quantizer's ``u = clip(round(x'/s) + z, 0, 2^b - 1)`` with ``s = (hi - lo) / (2^b - 1)``,
         ``lo = min(x', 0)``, ``hi = max(x', 0)``, ``z = clip(round(-lo / s), 0, 2^b - 1)``,
         carried as signed int8 ``u - 2^(b-1)`` (what an s8 tensor-core GEMM takes) with the
@@ -70,13 +71,9 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
     if not symmetric:
         if group_size:
             raise ValueError("asymmetric activation codes are per token (group_size must be 0)")
-        qmax, half = 2 ** bits - 1, 2 ** (bits - 1)
-        lo = jnp.minimum(jnp.min(xt, axis=1, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(xt, axis=1, keepdims=True), 0.0)
-        scale = jnp.maximum((hi - lo) / qmax, _TINY)
-        zero = jnp.clip(jnp.round(-lo / scale), 0, qmax)
-        codes = jnp.clip(jnp.round(xt / scale) + zero, 0, qmax) - half
-        return codes.astype(jnp.int8), scale, xl1, zero - half
+        codes, scale, zero = quantize_activation(xt, QuantSpec(bits, symmetric=False, granularity="token"))
+        half = 2 ** (bits - 1)
+        return (codes.astype(jnp.int32) - half).astype(jnp.int8), scale, xl1, zero - half
     qmax = 2 ** (bits - 1) - 1
     m, k = xt.shape
     g = group_size or k
