@@ -142,8 +142,13 @@ def main():
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     ap.add_argument("--weights-only", action="store_true",
                     help="build the quantized tree and record its bytes; no step (runs anywhere)")
+    ap.add_argument("--small-m-xla", type=int, default=None,
+                    help="set pallas_kernels.ops.SMALL_M_XLA (rows up to which a layer takes XLA's integer path)")
     args = ap.parse_args()
     from pallas_kernels import ops
+
+    if args.small_m_xla is not None:  # a module constant read at trace time
+        ops.SMALL_M_XLA = args.small_m_xla
 
     t0 = time.time()
     key = jax.random.PRNGKey(0)
@@ -177,9 +182,11 @@ def main():
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
+           "small_m_xla": ops.SMALL_M_XLA,
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
-                      + f" --attention {args.attention}" + (" --profile" if args.profile else "")}
+                      + f" --attention {args.attention}" + (" --profile" if args.profile else "")
+                      + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}")}
     if args.profile:
         try:
             from jax.experimental.mosaic.gpu import profiler

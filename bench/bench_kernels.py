@@ -44,6 +44,8 @@ SHAPES = [  # (model, layer, M, K, N)
     ("FLUX.1", "qkv", 4608, 3072, 9216), ("FLUX.1", "fc1", 4608, 3072, 12288),
     ("FLUX.1", "fc2", 4608, 12288, 3072),
     ("square", "8192^3", 8192, 8192, 8192),
+    ("FLUX.1", "modulation", 2, 3072, 18432), ("DiT-XL/2", "adaLN (B=32)", 64, 1152, 6912),
+    ("DiT-XL/2", "adaLN (B=8)", 16, 1152, 6912),
 ]
 RANK = 32
 
@@ -252,6 +254,44 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    # one whole QLinear (dynamic per-token A8, per-channel W, K-major codes): ops' kernel path
+    # (quantize kernel + GEMM kernel, rows padded) vs the layer's XLA integer path (XLA's
+    # quantize fusion + XLA's int8 dot; "small_m": the same reading the codes as stored, int4
+    # as jnp.int4); at GEMV-like M this picks ops.SMALL_M_XLA
+    from jaxdq.quant.qlinear import QLinear
+    from jaxdq.quant.quantizer import QuantSpec
+    from pallas_kernels import ops
+
+    a8 = QuantSpec(8, granularity="token")
+    qls = {"w8a8": QLinear(qweight=wq, w_scale=sw, bias=bias, w_spec=QuantSpec(8, granularity="channel"),
+                           act_spec=a8),
+           "w4a8": QLinear(qweight=pack_int4(w4c), w_scale=w4c_scale, bias=bias, packed=True,
+                           w_spec=QuantSpec(4, granularity="channel"), act_spec=a8)}
+    for wname, q in qls.items():
+        q = q.to_layout("nk")
+        for path in ("kernels", "xla_int", "small_m"):
+            name = f"qlinear_{wname}_{path}"
+            if not want(name):
+                continue
+            row = {"model": model, "layer": layer, "shape": shape, "M": m, "K": k, "N": n, "variant": name}
+            try:
+                if path == "kernels":
+                    f = jax.jit(lambda a, q: ops._kernel_forward(q, a, fuse=False, hopper=mk is not None))
+                elif path == "small_m":  # what qlinear_apply runs at ≤ ops.SMALL_M_XLA rows
+                    f = jax.jit(lambda a, q: ops._small_m_int(q, a))
+                else:
+                    f = jax.jit(lambda a, q: q.replace(impl="int")(a))
+                ms, how = timer(f, xm, q)
+                row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)
+                if base:
+                    row["speedup_vs_xla_bf16"] = base / ms
+                if check:
+                    row["rel_err_vs_fake_ref"] = rel_err(f(xm, q), jax.jit(lambda a, q: q(a))(xm, q))
+            except Exception as e:
+                row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
     # the quantize kernel alone: bytes moved vs measured HBM bandwidth
     qcfgs = [("2sweep_bm16_w4_s1", dict(block_m=16, num_warps=4, num_stages=1)),
              ("2sweep_bm64_w8_s3", dict(block_m=64, num_warps=8, num_stages=3)),
@@ -277,6 +317,13 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
                 for had in (0, 128) for cfgs in [[c for c in qcfgs if not (had and "group_size" in c[1])]]]
     families += [("quantize_smooth", True, False, 0, small), ("quantize_plain", False, False, 0, small),
                  ("quantize_asym", False, False, 0, [c for c in small if c[0] in ("1pass_bm4_w4", "2sweep_bm8_w4_s3")])]
+    # the divisions' share: the same launches with reciprocals multiplied in (exact_divide=False)
+    recip = lambda cs, keep: [(n, {**c, "exact_divide": False}) for n, c in cs if n in keep]
+    families += [("quantize_recip_plain", False, False, 0, recip(small, ("1pass_bm4_w4", "2sweep_bm8_w4_s3"))),
+                 ("quantize_recip_smooth", True, False, 0, recip(small, ("1pass_bm4_w4", "1pass_bm4_w8",
+                                                                          "2sweep_bm4_w4_s3"))),
+                 ("quantize_recip_smooth_lr32", True, True, 0, recip(qcfgs, ("2sweep_bm64_w8_s3", "1pass_bm16_w8",
+                                                                              "2sweep_bm16_w4_s1")))]
     xla_q = {"quantize_xla_smooth_lr32": (True, True), "quantize_xla_plain": (False, False)}
     for fam, use_s, use_l1, had, cfgs in families + [(n, s_, l_, 0, [("", None)]) for n, (s_, l_) in xla_q.items()]:
         for cfg_name, cfg in cfgs:

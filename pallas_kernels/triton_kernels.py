@@ -55,7 +55,7 @@ def _pow2_divisor(k: int, cap: int) -> int:
 
 # --------------------------------------------------------------------------- quantize
 def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass, grouped,
-                  symmetric):
+                  symmetric, exact_divide):
     it = iter(refs)
     x_ref = next(it)
     s_ref = next(it) if has_smooth else None
@@ -71,7 +71,8 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
     def load(kk):
         x = x_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
         if has_smooth:
-            x = x / s_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
+            s = s_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
+            x = x / s if exact_divide else x * (1.0 / s)
         if has_had:
             h = h_ref[...]  # ±1 (bf16, exact), block-diagonal over the bk chunk
             hi = x.astype(jnp.bfloat16)
@@ -98,10 +99,13 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
         scale = jnp.maximum((st[1] - st[0]) / qmax, _TINY)
         return scale, jnp.clip(_round_even(-st[0] / scale), 0.0, float(qmax))
 
+    def divide(x, scale):  # scale [bm, 1]: one reciprocal per row instead of a division per element
+        return x / scale if exact_divide else x * (1.0 / scale)
+
     def encode(x, scale, zero):
         if symmetric:
-            return jnp.clip(_round_even(x / scale), -qmax - 1, qmax).astype(jnp.int8)
-        return (jnp.clip(_round_even(x / scale) + zero, 0.0, float(qmax)) - half).astype(jnp.int8)
+            return jnp.clip(_round_even(divide(x, scale)), -qmax - 1, qmax).astype(jnp.int8)
+        return (jnp.clip(_round_even(divide(x, scale)) + zero, 0.0, float(qmax)) - half).astype(jnp.int8)
 
     def down_proj(kk, x, acc):
         if has_l1:
@@ -191,7 +195,7 @@ def quantize_config(m: int, k: int, *, dot: bool, smooth: bool, grouped: bool) -
 def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = None,
                  had_block: int = 0, l1: Optional[jax.Array] = None, group_size: int = 0,
                  block_m: int = 16, num_warps: int = 4, num_stages: int = 1, single_pass: bool = False,
-                 symmetric: bool = True, interpret: bool = False):
+                 symmetric: bool = True, exact_divide: bool = True, interpret: bool = False):
     """Fused dynamic per-token activation quantization (see module docstring).
 
     Args:
@@ -203,6 +207,9 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
         ``block_m · K`` up to ~16K elements per 4 warps) instead of two sweeps over K.
       symmetric: False = asymmetric per-token codes, shifted to int8, and a fourth output,
         the shifted zero point f32 ``[M, 1]`` (semantics: :func:`pallas_kernels.reference.quantize_act`).
+      exact_divide: True = IEEE division by the smoothing vector and the scale, codes equal to the
+        reference's; False = multiply by reciprocals (≤ 1 ulp off before rounding: a code can
+        move by one at a .5 tie).
     Returns: codes int8 ``[M, K]``, scale f32 ``[M, 1]`` (``[M, K/G]``), ``x' L1`` bf16
     ``[M, r]`` (or None)[, zero f32 ``[M, 1]`` when asymmetric].
     """
@@ -235,7 +242,8 @@ def quantize_act(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.Array] = N
         out_specs.append(pl.BlockSpec((block_m, 1), lambda i: (i, 0)))
     kern = functools.partial(_quant_kernel, k_total=k, bk=bk, qmax=qmax, has_smooth=smooth is not None,
                              has_had=bool(had_block), has_l1=l1 is not None, had_block=had_block,
-                             single_pass=single_pass, grouped=bool(group_size), symmetric=symmetric)
+                             single_pass=single_pass, grouped=bool(group_size), symmetric=symmetric,
+                             exact_divide=exact_divide)
     outs = pl.pallas_call(kern, grid=(m // block_m,), in_specs=specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret,
                           compiler_params=None if interpret else _params(num_warps, num_stages),

@@ -92,6 +92,22 @@ def test_quantize_config_choices_run_exactly(m, k, dot, smooth, grouped):
         assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
 
 
+@pytest.mark.parametrize("single", [False, True])
+def test_quantize_kernel_reciprocal_division_is_within_one_code(single):
+    """``exact_divide=False`` multiplies by 1/smooth and 1/scale: a code moves by at most one."""
+    ks = _keys(90, 3)
+    x = (jax.random.normal(ks[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
+    smooth = jax.random.uniform(ks[1], (K,), minval=0.5, maxval=2.0)
+    l1 = jax.random.normal(ks[2], (K, R)) / math.sqrt(K)
+    q, s, xl1 = tk.quantize_act(x, smooth=smooth, l1=l1, single_pass=single, exact_divide=False, interpret=True)
+    q0, s0, xl10 = ref.quantize_act(x, smooth=smooth, l1=l1)
+    d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
+    assert d.max() <= 1 and (d > 0).mean() < 1e-2
+    # x · (1/s) is within an ulp of x / s: the row maxima, hence the scales, agree to ~1e-7
+    np.testing.assert_allclose(np.asarray(s), np.asarray(s0), rtol=1e-6)
+    assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
+
+
 def test_pick_tile_n_follows_the_h100_measurements():
     mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
     # (M, N) → the faster tile_n measured on an H100 (bench/results/kernels_h100_run3.json)
@@ -379,6 +395,43 @@ def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
     rel = np.linalg.norm(g - w_) / np.linalg.norm(w_)
     # differences: bf16 output rounding and the bf16 low-rank branch; rare ±1 code flips with Hadamard
     assert rel < (2e-2 if cfg.get("had") else 1e-2), rel
+
+
+@pytest.mark.parametrize("rows,route,case", [(2, "xla", "w8_nk"), (2, "xla", "w8_kn"), (2, "xla", "w4_nk"),
+                                             (2, "xla", "w4_kn"), (64, "xla", "w8_nk"), (65, "kernels", "w4_nk"),
+                                             (96, "kernels", "w8_nk")])
+def test_qlinear_apply_small_m_takes_the_xla_integer_path(monkeypatch, rows, route, case):
+    """GEMV-like calls (≤ SMALL_M_XLA rows) give exactly the layer's int reference without
+    the kernels (4-bit codes read as jnp.int4 in either layout); larger ones the kernels."""
+    w4 = case.startswith("w4")
+    q = _qlinear(45, w_spec=QuantSpec(4 if w4 else 8, granularity="channel"), packed=w4)
+    q = q.to_layout(case[-2:])
+    x = jax.random.normal(jax.random.key(46), (rows, K)).astype(jnp.bfloat16)
+    calls = []
+    monkeypatch.setattr(ops, "on_gpu", lambda: True)
+    monkeypatch.setattr(ops, "GEMM_BACKEND", "triton")
+    monkeypatch.setattr(ops, "kernel_supported", lambda q_: True)
+    orig_q, orig_g = tk.quantize_act, tk.int_gemm
+    monkeypatch.setattr(tk, "quantize_act", lambda *a, **kw: calls.append("q") or orig_q(*a, **{**kw, "interpret": True}))
+    monkeypatch.setattr(tk, "int_gemm",
+                        lambda *a, **kw: calls.append("g") or orig_g(*a, **{**kw, "interpret": True, "block_n": 32}))
+    assert ops.SMALL_M_XLA == 64
+    got = ops.qlinear_apply(q, x)
+    assert got.shape == (rows, N) and got.dtype == jnp.bfloat16
+    if route == "xla":
+        assert calls == []
+        want = q.replace(impl="int")(x)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    else:
+        assert calls == ["q", "g"]
+        want = q.replace(impl="fake")(x.astype(jnp.float32))
+        rel = np.linalg.norm(_f32(got) - _f32(want)) / np.linalg.norm(_f32(want))
+        assert rel < 1e-2, rel
+    monkeypatch.setattr(ops, "SMALL_M_XLA", 0)  # off: every size through the kernels
+    ops._kernel_forward.clear_cache()
+    calls.clear()
+    ops.qlinear_apply(q, x)
+    assert calls == ["q", "g"]
 
 
 def test_qlinear_apply_off_gpu_is_the_reference():
