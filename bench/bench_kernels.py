@@ -116,6 +116,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     w4p = pack_int4(w4)
     xm = x[:m]
     xqm = xq[:m]
+    gate = jax.random.normal(keys[6], (2, n), jnp.float32).astype(jnp.bfloat16)
+    resid = jax.random.normal(keys[7], (m, n), jnp.float32).astype(jnp.bfloat16)
     flops = 2.0 * m * k * n
     f8 = jnp.float8_e4m3fn
 
@@ -162,6 +164,13 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
             (xq, wt, sx, sw, bias, xl1, l2))
+        # DiT's x + gate · proj(h): in the epilogue vs XLA after the GEMM (2 samples of M/2 tokens)
+        variants["mgpu_ws_w8a8_gate_res"] = (jax.jit(lambda a, b, s1, s2, bb, g_, r_: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, gate=g_, residual=r_)), (xqm, wt, sx[:m], sw, bias, gate, resid))
+        variants["mgpu_ws_w8a8_xla_gate_res"] = (jax.jit(lambda a, b, s1, s2, bb, g_, r_: (
+            r_.astype(jnp.float32) + jnp.repeat(g_.astype(jnp.float32), a.shape[0] // g_.shape[0], axis=0)
+            * ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)).astype(jnp.bfloat16)),
+            (xqm, wt, sx[:m], sw, bias, gate, resid))
         variants["mgpu_ws_w4a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb)), (xq, w4ct, sx, w4c_scale, bias))
         variants["mgpu_ws_w4a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
@@ -183,6 +192,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     if check:
         refs["w8"] = ref.int_gemm(xq, wq, sx, sw, bias=bias)
         refs["w8asym"] = ref.int_gemm(xqa, wq, sxa, sw, bias=bias, x_zero=zxa)
+        refs["w8gr"] = ref.int_gemm(xqm, wq, sx[:m], sw, bias=bias, gate=gate, residual=resid)
         refs["w8lr"] = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
         refs["w4"] = ref.int_gemm(xq, w4p, sx, sw4, bias=bias, packed=True)
         refs["w4c"] = ref.int_gemm(xq, w4c, sx, w4c_scale, bias=bias)
@@ -191,6 +201,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
               "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
               "mgpu_ws_w8a8_lr32_inacc": "w8lr", "mgpu_ws_w8a8_asym": "w8asym",
+              "mgpu_ws_w8a8_gate_res": "w8gr", "mgpu_ws_w8a8_xla_gate_res": "w8gr",
               "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_tn64": "w4c", "mgpu_ws_w4a8_g64": "w4",
               "mgpu_ws_w4a4_g64": "w4a4", "mgpu_ws_w4a4_g64_lr32_fused": "w4a4lr",
               "mgpu_ws_w4a4_g64_xla_lr32": "w4a4lr", "triton_w4a4_g64_lr32": "w4a4lr"}

@@ -90,11 +90,12 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                  tile_m: int = 128, tile_n: int | None = None, tile_k: int | None = None,
                  max_concurrent_steps: int = 4, epi_tile_n: int = 64, epi_tile_m: int = 64,
                  grid_tile_width: int = 8, wg_dim: str = "auto", num_sms: int | None = None,
-                 lr_in_acc: bool = False, x_zero=None, w_colsum=None,
+                 lr_in_acc: bool = False, x_zero=None, w_colsum=None, gate=None, residual=None,
                  interpret=None):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
-    ``bf16 [M, N] = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``
+    ``y = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``,
+    ``bf16 [M, N] = residual + gate · y`` (each term optional; :func:`pallas_kernels.reference.int_gemm`)
 
     N must be a multiple of the CTA tile's columns and K of ``tile_k``; any M works (rows
     are zero-padded to the CTA tile inside and the output sliced back).
@@ -111,6 +112,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         int8, :func:`pallas_kernels.reference.quantize_act`), or None; the epilogue
         subtracts ``x_zero ⊗ w_colsum`` from the int32 accumulator before the scales.
         w_colsum: f32 ``[N]`` Σ_k of the weight codes (computed here when None).
+      gate: ``[B, N]`` per-sample gate (DiT's ``gate_msa``/``gate_mlp``): row m uses
+        ``gate[m // (M / B)]``; the tokens per sample ``M / B`` must be a multiple of the
+        CTA tile's rows (128, or 256 with warpgroups split along M).  residual: ``[M, N]``.
     Instructions: the main loop is ``wgmma.mma_async.sync.aligned.m64nNk32.s32.s8.s8``
     (dense) with both operands in swizzled shared memory.  int4 weights travel HBM→SMEM by TMA
     as 4-bit, each consumer warpgroup converts its ``[tile_n, tile_k]`` tile to int8 in
@@ -145,6 +149,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     groups = max(sx.shape[1] if sx.ndim == 2 else 1, sw.shape[0] if sw.ndim == 2 else 1)
     grouped = groups > 1
     has_zero = x_zero is not None
+    has_gate, has_res = gate is not None, residual is not None
     if has_zero:
         if grouped:
             raise ValueError("activation zero points need per-token scales (one scale group)")
@@ -167,11 +172,17 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
     if n % cta_n or k % tile_k:
         raise ValueError(f"N, K = {(n, k)} not divisible by the CTA tile's {(cta_n, tile_k)}")
     m_out = m
+    if has_gate:
+        batch = gate.shape[0]
+        if m % batch or (m // batch) % cta_m:
+            raise ValueError(f"gate: M={m} rows over {batch} samples must be whole CTA tiles of {cta_m} rows")
+        tokens = m // batch
     if m % cta_m:  # zero rows up to the CTA tile (zero codes → zero output rows, sliced off)
         m = -(-m // cta_m) * cta_m
         pad = lambda a: jnp.pad(a, ((0, m - m_out),) + ((0, 0),) * (a.ndim - 1))  # noqa: E731
         xq, sx, xa = pad(xq), pad(sx), pad(xa) if has_lr else None
         x_zero = pad(x_zero) if has_zero else None
+        residual = pad(residual) if has_res else None
     if grouped:  # scales as [G, M] / [G, N] rows, pipelined with the operands (one row per K-step)
         sxg = jnp.broadcast_to(sx.reshape(m, -1), (m, groups)).T
         swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
@@ -197,7 +208,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
             return ref[...]
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
-    def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, out_gmem):
+    def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, g_gmem, r_gmem,
+               out_gmem):
         specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
                                  memory_space=plgpu.SMEM, delay_release=1),
                  plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
@@ -266,6 +278,15 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
                                 plgpu.wgmma_wait(0)
                                 return lr_ref[...]
                             y = y + _lr
+                    if has_gate:  # the CTA tile lies in one sample (checked above)
+                        b_idx = jnp.minimum((mi * cta_m) // tokens, batch - 1)  # padded rows: the last
+                        grow = vec_load(g_gmem.at[pl.ds(b_idx * n, n)].at[cn].at[wn], 0, gmem=True)
+                        y = y * lax.broadcast_in_dim(grow, shape, [1])
+                    if has_res:
+                        r_tile = r_gmem.at[cm, cn].at[wm, wn]
+                        res = r_tile[...] if interpret else plgpu.load(
+                            r_tile, (), layout=plgpu.Layout.WGMMA, optimized=False)
+                        y = y + res.astype(jnp.float32)
                     y = y.astype(out_dtype)
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for emi in range(tile_m // epi_tile_m):
@@ -366,6 +387,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, out_dtype=jnp.b
         zx_in, ws_in = x_zero, w_colsum.reshape(n).astype(jnp.float32)
     else:  # unused (the kernel signature is fixed)
         zx_in, ws_in = jnp.zeros((m,), jnp.float32), jnp.zeros((n,), jnp.float32)
+    g_in = gate.astype(jnp.float32).reshape(-1) if has_gate else jnp.zeros((n,), jnp.float32)
+    r_in = residual if has_res else jnp.zeros((1, n), out_dtype)  # (unused when absent)
+    rest = (b, xa_in, l2t_in, zx_in, ws_in, g_in, r_in)
     if grouped:
-        return f(xq, wt, sxg, swg, b, xa_in, l2t_in, zx_in, ws_in)[:m_out]
-    return f(xq, wt, sx.reshape(m), sw.reshape(n), b, xa_in, l2t_in, zx_in, ws_in)[:m_out]
+        return f(xq, wt, sxg, swg, *rest)[:m_out]
+    return f(xq, wt, sx.reshape(m), sw.reshape(n), *rest)[:m_out]

@@ -224,12 +224,13 @@ def test_mosaic_ws_variants_lower_for_cuda():
     cases = [  # (weight dtype, sx shape, sw shape, low rank: 0 none, 1 second accumulator, 2 in the result)
         (jnp.int4, (m,), (n,), 0), (jnp.int4, (m, k // 64), (k // 64, n), 1),
         (jnp.int8, (m, k // 128), (k // 128, n), 0), (jnp.int8, (m,), (n,), 1), (jnp.int8, (m,), (n,), 2),
-        (jnp.int8, (m,), (n,), 3)]  # 3: asymmetric activations (zero points)
+        (jnp.int8, (m,), (n,), 3), (jnp.int8, (m,), (n,), 4)]  # 3: zero points; 4: gate + residual
     for wdt, sxs, sws, lr in cases:
         def f(x, w, sx, sw, b, xa, l2):
             return mk.int8_gemm_ws(x, w, sx, sw, bias=b, xa=xa if lr in (1, 2) else None,
                                    l2=l2 if lr in (1, 2) else None, lr_in_acc=lr == 2,
-                                   x_zero=sx if lr == 3 else None)
+                                   x_zero=sx if lr == 3 else None, gate=b.reshape(1, n) if lr == 4 else None,
+                                   residual=xa @ l2 if lr == 4 else None)
         txt = jax.jit(f).trace(S((m, k), jnp.int8), S((n, k), wdt), S(sxs, f32), S(sws, f32), S((n,), f32),
                                S((m, 32), bf), S((32, n), bf)).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in txt
@@ -301,6 +302,34 @@ def test_mosaic_ws_zero_point_in_gpu_interpreter(w4):
     _close_bf16(got, ref.int_gemm(xq, w, sx, sw, x_zero=z))
     want64 = ((np.asarray(xq, np.float64) - _f32(z)) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw)
     assert np.abs(_f32(got) - want64).max() <= 2 ** -7 * np.abs(want64).max()
+
+
+# (the low-rank branch in jax 0.10.2's GPU interpreter deadlocks at a barrier wait, see
+# WS_CASES; on the GPU bench_kernels checks gate + residual + low rank against the reference)
+@pytest.mark.parametrize("m,n", [(256, 256), (512, 128)])
+def test_mosaic_ws_gate_residual_in_gpu_interpreter(m, n):
+    """DiT's ``x + gate · proj(h)`` in the Hopper epilogue (n=128: warpgroups split M, CTA 256 rows)."""
+    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    params = mk.gpu_interpret_params()
+    if params is None:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+    k = 128
+    ks = _keys(97 + m, 7)
+    xq = jax.random.randint(ks[0], (m, k), -128, 128).astype(jnp.int8)
+    w = jax.random.randint(ks[1], (k, n), -128, 128).astype(jnp.int8)
+    sx = jax.random.uniform(ks[2], (m, 1), minval=1e-3, maxval=2e-2)
+    sw = jax.random.uniform(ks[3], (1, n), minval=1e-3, maxval=2e-2)
+    bias = jax.random.normal(ks[4], (n,))
+    gate = jax.random.normal(ks[5], (2, n)).astype(jnp.bfloat16)  # two samples of m/2 tokens
+    res = jax.random.normal(ks[6], (m, n)).astype(jnp.bfloat16)
+    got = mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], bias=bias, gate=gate, residual=res, num_sms=2,
+                          interpret=params)
+    _close_bf16(got, ref.int_gemm(xq, w, sx, sw, bias=bias, gate=gate, residual=res))
+    y64 = (np.asarray(xq, np.float64) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw) + _f32(bias)
+    want64 = _f32(res) + np.repeat(_f32(gate), m // 2, axis=0) * y64
+    assert np.abs(_f32(got) - want64).max() <= 2 ** -6 * np.abs(want64).max()
+    with pytest.raises(ValueError, match="whole CTA tiles"):  # a tile would span two samples
+        mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], gate=jnp.ones((4 if m == 256 else 8, n)), interpret=params)
 
 
 @pytest.mark.parametrize("had", [0, 64])
