@@ -267,8 +267,8 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
 
     # one whole QLinear (dynamic per-token A8, per-channel W, K-major codes): ops' kernel path
     # (quantize kernel + GEMM kernel, rows padded) vs the layer's XLA integer path (XLA's
-    # quantize fusion + XLA's int8 dot; "small_m": the same reading the codes as stored, int4
-    # as jnp.int4); at GEMV-like M this picks ops.SMALL_M_XLA
+    # quantize fusion + XLA's integer dot on the codes as stored), which ops takes at
+    # ≤ ops.SMALL_M_XLA rows
     from jaxdq.quant.qlinear import QLinear
     from jaxdq.quant.quantizer import QuantSpec
     from pallas_kernels import ops
@@ -280,7 +280,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
                            w_spec=QuantSpec(4, granularity="channel"), act_spec=a8)}
     for wname, q in qls.items():
         q = q.to_layout("nk")
-        for path in ("kernels", "xla_int", "small_m"):
+        for path in ("kernels", "xla_int"):
             name = f"qlinear_{wname}_{path}"
             if not want(name):
                 continue
@@ -288,9 +288,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             try:
                 if path == "kernels":
                     f = jax.jit(lambda a, q: ops._kernel_forward(q, a, fuse=False, hopper=mk is not None))
-                elif path == "small_m":  # what qlinear_apply runs at ≤ ops.SMALL_M_XLA rows
-                    f = jax.jit(lambda a, q: ops._small_m_int(q, a))
-                else:
+                else:  # what qlinear_apply runs at ≤ ops.SMALL_M_XLA rows
                     f = jax.jit(lambda a, q: q.replace(impl="int")(a))
                 ms, how = timer(f, xm, q)
                 row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)

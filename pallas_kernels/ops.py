@@ -19,7 +19,7 @@ kernels (both jit-able, shapes static):
    transposed per call.
 
 Layers called on at most :data:`SMALL_M_XLA` rows run the QLinear's XLA integer path
-(``impl="int"``).  Weight-only layers (``act_spec`` None) dequantize to the activation dtype and use
+(``impl="int"``, reading the codes as stored).  Weight-only layers (``act_spec`` None) dequantize to the activation dtype and use
 XLA's dot.  Asymmetric per-token activations (with per-channel weights) are quantized
 to shifted int8 codes plus a zero point, and the GEMM epilogue subtracts
 ``zero ⊗ colsum(W)`` before the scales.  Everything else (CPU/TPU backends, static
@@ -35,7 +35,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxdq.quant.quantizer import quantize_activation
 from pallas_kernels import triton_kernels
 
 #: "auto": Mosaic GPU warp-specialized wgmma (``int8_gemm_ws``) on sm_90, Triton
@@ -47,12 +46,14 @@ GEMM_BACKEND = "auto"
 #: PixArt-Σ SVDQuant step 146 vs 156 ms).
 FUSE_LOWRANK_HOPPER = True
 #: Layers called on at most this many rows (tokens × batch: adaLN / modulation linears
-#: on the conditioning vector) run :func:`_small_m_int` (XLA's integer dot on the stored
-#: codes) when the layer's int path applies: a GEMV-like product is weight-bandwidth-bound,
+#: on the conditioning vector) run the QLinear's ``impl="int"`` path (XLA's integer dot on
+#: the codes as stored) when it applies: a GEMV-like product is weight-bandwidth-bound,
 #: and the kernel path pads the rows to 64 and adds a quantize launch.  0 turns it off.
 #: H100 (bench/results/kernels_h100_run4.json, call 3), one layer: DiT adaLN 1152→6912 at
 #: M = 2 / 16 / 64, W8A8 7.2 / 8.3 / 8.6 µs vs 15.8 / 15.3 / 14.3 through the kernels,
-#: W4A8 9.2 / 11.2 / 12.3 vs 20.9 / 21.4 / 20.8; FLUX modulation 3072→18432 at M = 2:
+#: W4A8 9.2 / 11.2 / 12.3 vs 20.9 / 21.4 / 20.8 (rows ``qlinear_*_small_m``, the int path
+#: since it reads the stored codes; it unpacked and transposed int4 codes per call before:
+#: 26.5 / 27.9 / 28.6); FLUX modulation 3072→18432 at M = 2:
 #: W8A8 26.2 µs (1.46× bf16) vs 39.9, W4A8 33.3 vs 51.4.  Whole step
 #: (e2e_h100_run3.json): DiT-XL/2 256² W8A8 4.62 → 4.16 ms, W4A8 5.71 → 5.26 ms.
 SMALL_M_XLA = 64
@@ -107,36 +108,10 @@ def _pad_rows(a, m_pad):
 
 def _weight_nk(q):
     """The weight codes K-major for the Hopper kernel: int8 ``[N, K]`` or ``jnp.int4 [N, K]``."""
-    if q.w_layout == "nk":  # packed: uint8 [N, K/2], element 2i in the low nibble = XLA's int4 packing
-        return _stored_codes(q)
+    if q.w_layout == "nk":  # packed: jnp.int4 [N, K], a view of the uint8 [N, K/2] bytes
+        return q.stored_codes()
     codes = q.weight_codes().T  # "kn" layout: one transpose (and unpack) per call
     return codes.astype(jnp.int4) if q.packed else codes
-
-
-def _stored_codes(q):
-    """The weight codes as stored (``[N, K]`` for "nk", ``[K, N]`` for "kn"), 4-bit ones as
-    ``jnp.int4`` (a bitcast: no unpacked copy; XLA converts them inside its dot fusion)."""
-    if not q.packed:
-        return q.qweight
-    rows, half = q.qweight.shape
-    return jax.lax.bitcast_convert_type(q.qweight, jnp.int4).reshape(rows, 2 * half)
-
-
-def _small_m_int(q, x):
-    """QLinear ``impl="int"`` for GEMV-like calls, in XLA: the same integer products and
-    epilogue (identical results), with the codes read in their stored layout."""
-    xt = q.transform_input(x.astype(jnp.float32))
-    codes, s_x, _ = quantize_activation(xt, q.act_spec)
-    w = _stored_codes(q)
-    contract = 1 if q.w_layout == "nk" else 0
-    acc = jax.lax.dot_general(codes.astype(jnp.int8), w.astype(jnp.int8), (((x.ndim - 1,), (contract,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    y = acc.astype(jnp.float32) * s_x * q.w_scale.reshape(-1)
-    if q.lowrank_a is not None:
-        y = y + jnp.dot(jnp.dot(xt, q.lowrank_a.astype(jnp.float32)), q.lowrank_b.astype(jnp.float32))
-    if q.bias is not None:
-        y = y + q.bias.astype(jnp.float32)
-    return y.astype(x.dtype)
 
 
 def _weight_only(q, x):
@@ -163,7 +138,7 @@ def qlinear_apply(q, x: jax.Array, *, fuse_lowrank: bool | None = None) -> jax.A
     if not (on_gpu() and kernel_supported(q)):
         return _reference(q, x)
     if math.prod(x.shape[:-1]) <= SMALL_M_XLA and q.int_path_ok():
-        return _small_m_int(q, x)
+        return _reference(q, x)  # impl="int": XLA's integer dot on the stored codes
     fuse = FUSE_LOWRANK_HOPPER if fuse_lowrank is None else fuse_lowrank
     lead = x.shape[:-1]
     hopper = GEMM_BACKEND == "auto" and _is_hopper()

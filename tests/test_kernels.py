@@ -430,8 +430,8 @@ def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
                                              (2, "xla", "w4_kn"), (64, "xla", "w8_nk"), (65, "kernels", "w4_nk"),
                                              (96, "kernels", "w8_nk")])
 def test_qlinear_apply_small_m_takes_the_xla_integer_path(monkeypatch, rows, route, case):
-    """GEMV-like calls (≤ SMALL_M_XLA rows) give exactly the layer's int reference without
-    the kernels (4-bit codes read as jnp.int4 in either layout); larger ones the kernels."""
+    """GEMV-like calls (≤ SMALL_M_XLA rows) run the layer's int path (4-bit codes read as
+    jnp.int4 in either layout) without the kernels; larger ones the kernels."""
     w4 = case.startswith("w4")
     q = _qlinear(45, w_spec=QuantSpec(4 if w4 else 8, granularity="channel"), packed=w4)
     q = q.to_layout(case[-2:])
@@ -449,8 +449,15 @@ def test_qlinear_apply_small_m_takes_the_xla_integer_path(monkeypatch, rows, rou
     assert got.shape == (rows, N) and got.dtype == jnp.bfloat16
     if route == "xla":
         assert calls == []
-        want = q.replace(impl="int")(x)
-        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+        # the integer path in float64 NumPy, from the unpacked [K, N] codes (weight_codes())
+        from jaxdq.quant.quantizer import quantize_activation
+
+        xt = q.transform_input(x.astype(jnp.float32))
+        codes, s_x, _ = quantize_activation(xt, q.act_spec)
+        y64 = (np.asarray(codes, np.int64) @ np.asarray(q.weight_codes(), np.int64)) * _f32(s_x) \
+            * _f32(q.w_scale).reshape(-1)
+        y64 = y64 + _f32(xt) @ _f32(q.lowrank_a) @ _f32(q.lowrank_b) + _f32(q.bias)
+        assert np.all(np.abs(_f32(got) - y64) <= 2 ** -8 * np.abs(y64) + 1e-5 * np.abs(y64).max())
     else:
         assert calls == ["q", "g"]
         want = q.replace(impl="fake")(x.astype(jnp.float32))

@@ -65,6 +65,21 @@ def test_int_impl_equals_fake_impl(layer):
         np.testing.assert_allclose(np.asarray(intq(x)), np.asarray(fake(x)), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits,layout", [(8, "kn"), (8, "nk"), (4, "kn"), (4, "nk")])
+def test_int_impl_reads_the_stored_codes(layer, bits, layout):
+    """``stored_codes`` is the storage order (int4: a view of the packed bytes), and the int
+    path on it computes what the fake path computes, in both layouts."""
+    cfg = LayerQuant(weight=QuantSpec(bits=bits, granularity="channel"), act=QuantSpec(bits=8, granularity="token"),
+                     pack=bits == 4)
+    q = quantize_linear(layer, cfg).to_layout(layout)
+    codes = np.asarray(q.weight_codes(), np.int32)  # [C_in, C_out], unpacked by unpack_int4
+    stored = np.asarray(q.stored_codes().astype(jnp.int8), np.int32)
+    np.testing.assert_array_equal(stored, codes.T if layout == "nk" else codes)
+    assert q.stored_codes().dtype == (jnp.int4 if bits == 4 else jnp.int8)
+    x = jnp.asarray(make_x(2))
+    np.testing.assert_allclose(np.asarray(q.replace(impl="int")(x)), np.asarray(q(x)), rtol=1e-5, atol=1e-4)
+
+
 def test_weight_only_int4_packed_group(layer):
     cfg = LayerQuant(weight=QuantSpec(bits=4, granularity="group", group_size=16), act=None, pack=True)
     q = quantize_linear(layer, cfg)

@@ -117,6 +117,16 @@ class QLinear:
         codes = unpack_int4(self.qweight, signed=self.w_spec.symmetric) if self.packed else self.qweight
         return codes.T if self.w_layout == "nk" else codes
 
+    def stored_codes(self) -> jax.Array:
+        """The codes in their storage layout (``[C_out, C_in]`` for "nk", else ``[C_in, C_out]``);
+        packed 4-bit codes as a ``jnp.int4`` / ``jnp.uint4`` view of the bytes (XLA's nibble
+        order is ours: element 2i in the low nibble), so no unpacked copy is made."""
+        if not self.packed:
+            return self.qweight
+        rows, half = self.qweight.shape
+        nibble = jnp.int4 if self.w_spec.symmetric else jnp.uint4
+        return jax.lax.bitcast_convert_type(self.qweight, nibble).reshape(rows, 2 * half)
+
     def dequantized_weight(self) -> jax.Array:
         """float32 ``[C_in, C_out]`` weight the layer effectively uses."""
         return dequantize(self.weight_codes(), self.w_scale, self.w_zero, self.w_spec, kind="weight")
@@ -141,9 +151,12 @@ class QLinear:
             codes, s_x = quantize(x, self.act_scale, None, self.act_spec, kind="activation"), self.act_scale
         else:
             codes, s_x, _ = quantize_activation(x, self.act_spec)
+        # the codes as stored: a GEMV-like call (adaLN) reads each weight byte once, with no
+        # transposed or unpacked copy (pallas_kernels.ops.SMALL_M_XLA runs this on a GPU)
+        contract = 1 if self.w_layout == "nk" else 0
         acc = jax.lax.dot_general(
-            codes.astype(jnp.int8), self.weight_codes().astype(jnp.int8),
-            (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+            codes.astype(jnp.int8), self.stored_codes().astype(jnp.int8),
+            (((x.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.int32)
         return acc.astype(jnp.float32) * s_x * self.w_scale.reshape(-1)
 
     def int_path_ok(self) -> bool:
