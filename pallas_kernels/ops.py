@@ -19,8 +19,8 @@ kernels (both jit-able, shapes static):
    transposed per call.
 
 Layers called on at most :data:`SMALL_M_XLA` rows run the QLinear's XLA integer path
-(``impl="int"``, reading the codes as stored).  Weight-only layers (``act_spec`` None) dequantize to the activation dtype and use
-XLA's dot.  Asymmetric per-token activations (with per-channel weights) are quantized
+(``impl="int"``, reading the codes as stored).  Weight-only layers (``act_spec`` None)
+dequantize to the activation dtype and use XLA's dot.  Asymmetric per-token activations (with per-channel weights) are quantized
 to shifted int8 codes plus a zero point, and the GEMM epilogue subtracts
 ``zero ⊗ colsum(W)`` before the scales.  Everything else (CPU/TPU backends, static
 activations, asymmetric weights, tensor-granularity scales, shapes not multiples of 128) returns

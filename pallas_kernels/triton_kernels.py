@@ -68,11 +68,13 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
     bm = x_ref.shape[0]
     half = (qmax + 1) // 2  # asymmetric: codes in [0, qmax] stored shifted by -half as int8
 
+    def divide(x, d):  # d [1, bk] or [bm, 1]: inexact mode multiplies by one reciprocal per d element
+        return x / d if exact_divide else x * (1.0 / d)
+
     def load(kk):
         x = x_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
         if has_smooth:
-            s = s_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32)
-            x = x / s if exact_divide else x * (1.0 / s)
+            x = divide(x, s_ref[:, pl.ds(kk * bk, bk)].astype(jnp.float32))
         if has_had:
             h = h_ref[...]  # ±1 (bf16, exact), block-diagonal over the bk chunk
             hi = x.astype(jnp.bfloat16)
@@ -98,9 +100,6 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
             return jnp.maximum(st[0] / qmax, _TINY), None
         scale = jnp.maximum((st[1] - st[0]) / qmax, _TINY)
         return scale, jnp.clip(_round_even(-st[0] / scale), 0.0, float(qmax))
-
-    def divide(x, scale):  # scale [bm, 1]: one reciprocal per row instead of a division per element
-        return x / scale if exact_divide else x * (1.0 / scale)
 
     def encode(x, scale, zero):
         if symmetric:
