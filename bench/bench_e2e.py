@@ -4,30 +4,39 @@ One (model, method) per process, so the device's peak memory belongs to that con
 
     python bench/bench_e2e.py --model pixart-sigma-1024 --method w8a8 --out e2e.jsonl [--profile]
 
-Methods:
+Methods (each layer built by the library: the recipe, or SVDQuant's rules, transforms and
+quantizer, on a one-layer tree; the step runs under the method's
+:class:`jaxdq.backend.Policy`, bound inside the jitted step):
   bf16           the float model (bf16 weights and activations).
-  w8a8, w4a8     per-channel symmetric weights (int4 packed), dynamic per-token int8
-                 activations, every linear except the arch's keep-float layers
-                 (first/last); ``use_kernels`` → the Pallas kernels, codes K-major.
-  w8a8-xla       the same W8A8 model through XLA's own int8 dot (``impl="int"``).
+  w8a8, w4a8     the ``dynamic-w8a8`` / ``dynamic-w4a8`` recipes: per-channel symmetric
+                 weights (int4 packed), dynamic per-token int8 activations, every linear
+                 except the first/last (roles ``embedding``, ``final``); codes stored K-major
+                 (:func:`jaxdq.backend.stored_for_kernels`), ``policy("kernels")``.
+  w8a8-xla       the same W8A8 model through XLA's own int8 dot (``policy("integer")``).
   svdquant-w4a4  SVDQuant's layer structure with the paper's precision rules
                  (:func:`jaxdq.quant.svdquant.svdquant_rules`): W4A4 per group of 64
                  (weights and activations), a rank-32 fp16 low-rank branch and a smoothing
-                 vector on every such linear; adaLN linears W4A16; embedders, first/last
-                 and cross-attention K/V float.  The factors and smoothing vector are
-                 random here (the SVD of 12B random weights would measure nothing): the
-                 step's cost and the bytes do not depend on their values.
-  svdquant-w4a4-unfused  the same, with the low-rank product added by XLA after the GEMM.
+                 vector on every such linear; adaLN linears W4A16 (fp16 scales); embedders,
+                 first/last and cross-attention K/V float.  Each layer is
+                 :func:`jaxdq.quant.svdquant.svdquant_layer` with synthetic calibration
+                 statistics (random per-channel absmax, α = 0.5) and no SVD (rank 0); the
+                 rank-32 factors are then random: the float64 SVD of 12B random weights
+                 would measure nothing and take hours, and the step's cost and the bytes do
+                 not depend on the factors' values.  ``policy("kernels")``.
+  svdquant-w4a4-unfused  the same, with the low-rank product added by XLA after the GEMM
+                 (``policy("kernels", fuse_lowrank=False)``).
 
 The quantized trees are built one linear at a time from random bf16 weights (never
 the whole bf16 model), so ``peak_device_bytes`` is the quantized model's.  The step is
 what the sampler calls: CFG-doubled batch for DiT/PixArt, one batch for FLUX.1-dev.
 With ``--profile`` one step's CUDA kernels are timed (CUPTI) and grouped into
-quantize kernel / integer GEMM kernel / XLA GEMMs / the rest.
+quantize kernel / integer GEMM kernel / XLA GEMMs / the rest.  ``--smoke``: the model
+family at a tiny width and depth with the kernels interpreted (CPU check of this script).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,11 +49,26 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench_models import setup, time_step  # noqa: E402
-from jaxdq.quant.rules import is_float_linear  # noqa: E402
+from jaxdq import backend  # noqa: E402
+from jaxdq.quant.layers import FloatLinear, QLinear, get_path, is_float_dict, set_path  # noqa: E402
 
 BF16 = jnp.bfloat16
 METHODS = ("bf16", "w8a8", "w4a8", "w8a8-xla", "svdquant-w4a4", "svdquant-w4a4-unfused")
 ARCH_OF = {"dit-xl2-256": "dit", "pixart-sigma-1024": "pixart", "flux1-dev-1024": "flux"}
+RECIPE_OF = {"w8a8": "dynamic-w8a8", "w8a8-xla": "dynamic-w8a8", "w4a8": "dynamic-w4a8"}
+RANK = 32
+
+
+def method_policy(method: str, *, small_m: int | None = None, interpret: bool = False) -> backend.Policy:
+    """How ``method``'s layers execute: the kernels (``-unfused``: the Hopper GEMM without the
+    low-rank accumulator), XLA's integer dot for ``w8a8-xla``, the float model as it is.
+    ``small_m``: rows up to which a layer takes XLA's integer path (None: the policy's 64)."""
+    kw = {} if small_m is None else {"small_m": small_m}
+    if method == "bf16":
+        return backend.policy("reference", **kw)
+    if method == "w8a8-xla":
+        return backend.policy("integer", **kw)
+    return backend.policy("kernels", fuse_lowrank=not method.endswith("-unfused"), interpret=interpret, **kw)
 
 
 def build_params(shapes, key, convert, std=0.02):
@@ -59,7 +83,7 @@ def build_params(shapes, key, convert, std=0.02):
         return gen(jax.random.fold_in(key, counter[0]), tuple(shape))
 
     def walk(node, path):
-        if is_float_linear(node):  # also true of a ShapeDtypeStruct tree's linears
+        if is_float_dict(node):  # also true of a ShapeDtypeStruct tree's linears
             layer = {k: draw(v.shape) for k, v in node.items()}
             out = convert(path, layer)
             jax.block_until_ready(out)
@@ -71,51 +95,54 @@ def build_params(shapes, key, convert, std=0.02):
     return walk(shapes, "")
 
 
-def make_converter(method: str, arch_name: str, key, roles):
-    from jaxdq.models.registry import get_arch
-    from jaxdq.quant.recipes import dynamic_cfg
-    from jaxdq.quant.rules import Rule, quantize_linear, use_kernels
-
+def make_converter(method: str, key, roles):
+    """``convert(path, float layer dict) -> node`` building ``method``'s layer (see the
+    module docstring); float layers come back as they are (bf16)."""
+    method = method.removesuffix("-unfused")
     if method == "bf16":
         return lambda path, layer: layer
-    keep = [Rule(p, None) for p in get_arch(arch_name).keep_float]
-    if method.startswith("svdquant"):
-        from jaxdq.quant.svdquant import fit_config, quantize_weight_layer, svdquant_rules
-
-        # paper defaults: W4A4 g64, adaLN W4A16, embedders/first/last/cross-KV float
-        rules = keep + svdquant_rules()
-    else:
-        bits = {"w8a8": 8, "w8a8-xla": 8, "w4a8": 4}[method]
-        rules = keep + [Rule(".*", dynamic_cfg(bits, 8, impl="int"))]
+    if method not in RECIPE_OF and method != "svdquant-w4a4":
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    kernels = method != "w8a8-xla"
     counter = [0]
-    jitted: dict = {}  # (rule, shape) → the jitted quantizer: eager ops would dispatch one by one
 
-    def quantize(layer, k, config):
-        f32 = {name: v.astype(jnp.float32) for name, v in layer.items()}
-        if method.startswith("svdquant"):
-            c_in, c_out = f32["kernel"].shape
-            cfg = fit_config(config, c_in, c_out)
-            q = quantize_weight_layer(f32, cfg, jnp.float16 if cfg.act is None else None)
-            if cfg.act is not None:
-                k1, k2, k3 = jax.random.split(k, 3)
-                q = q.replace(
-                    smooth=jax.random.uniform(k1, (c_in,), minval=0.5, maxval=2.0),
-                    lowrank_a=(jax.random.normal(k2, (c_in, 32)) / np.sqrt(c_in)).astype(jnp.float16),
-                    lowrank_b=(jax.random.normal(k3, (32, c_out)) * 0.02).astype(jnp.float16))
-        else:
-            q = quantize_linear(f32, config)
-        node = {"qlinear": q}
-        return node if method == "w8a8-xla" else use_kernels(node)
+    def stored(q):  # the layout the Hopper kernels read without a per-call transpose
+        return backend.stored_for_kernels({"l": q})["l"] if kernels else q
+
+    if method in RECIPE_OF:
+        from jaxdq.quant.recipes import Context, get_recipe
+
+        recipe = get_recipe(RECIPE_OF[method])
+        ctx = Context(roles=roles)
+
+        def convert(path, layer):
+            tree: dict = {}
+            set_path(tree, path, layer)  # a one-layer tree at the layer's path: the recipe's rules see its role
+            node = get_path(recipe.build(tree, ctx)[0], path)
+            return stored(node) if isinstance(node, QLinear) else layer
+
+        return convert
+
+    from jaxdq.quant.rules import config_of, quantize_linear
+    from jaxdq.quant.svdquant import svdquant_layer, svdquant_rules
+
+    cfg_of = config_of(svdquant_rules(), roles)  # paper defaults: W4A4 g64, adaLN W4A16, embedders/first/last/cross-KV float
 
     def convert(path, layer):
-        i, rule = next(((i, r) for i, r in enumerate(rules) if r.matches(path, roles.get(path))), (None, None))
-        if rule is None or rule.config is None:
+        cfg = cfg_of(path)
+        if cfg is None:
             return layer
-        sig = (i, tuple((name, v.shape) for name, v in sorted(layer.items())))
-        if sig not in jitted:
-            jitted[sig] = jax.jit(lambda l, k, c=rule.config: quantize(l, k, c))
+        fl = FloatLinear(kernel=layer["kernel"].astype(jnp.float32), bias=layer.get("bias"))
+        if cfg.act is None:  # weight-only (adaLN): 4-bit group weights, fp16 scales
+            return stored(quantize_linear(fl, dataclasses.replace(cfg, scale_dtype=jnp.float16)))
         counter[0] += 1
-        return jitted[sig](layer, jax.random.fold_in(key, counter[0]))
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(key, counter[0]), 3)
+        c_in, c_out = fl.in_features, fl.out_features
+        absmax = jax.random.uniform(k1, (c_in,), minval=0.5, maxval=8.0)  # synthetic calibration statistics
+        q = svdquant_layer(fl, cfg, act_absmax=absmax, alpha=0.5, rank=0)
+        lr = dict(lowrank_a=(jax.random.normal(k2, (c_in, RANK)) / np.sqrt(c_in)).astype(jnp.float16),
+                  lowrank_b=(jax.random.normal(k3, (RANK, c_out)) * 0.02).astype(jnp.float16))
+        return stored(q.replace(transform=q.transform.replace(**lr)))
 
     return convert
 
@@ -143,20 +170,18 @@ def main():
     ap.add_argument("--weights-only", action="store_true",
                     help="build the quantized tree and record its bytes; no step (runs anywhere)")
     ap.add_argument("--small-m-xla", type=int, default=None,
-                    help="set pallas_kernels.ops.SMALL_M_XLA (rows up to which a layer takes XLA's integer path)")
+                    help="Policy.small_m: rows up to which a layer takes XLA's integer path (default 64)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of this script: the model family at a tiny width and depth, kernels interpreted")
     args = ap.parse_args()
-    from pallas_kernels import ops
-
-    if args.small_m_xla is not None:  # a module constant read at trace time
-        ops.SMALL_M_XLA = args.small_m_xla
+    pol = method_policy(args.method, small_m=args.small_m_xla, interpret=args.smoke)
 
     t0 = time.time()
     key = jax.random.PRNGKey(0)
-    # the model's float structure (shapes only), its step function and layer roles
+    # the model's float structure (shapes only), its step function (binding pol) and layer roles
     shapes, step, x, roles = setup(args.model, 1, make_params=lambda init_fn, k: jax.eval_shape(init_fn, k),
-                                   attention=args.attention)
-    fuse = not args.method.endswith("-unfused")
-    convert = make_converter(args.method.replace("-unfused", ""), ARCH_OF[args.model], key, roles)
+                                   attention=args.attention, policy=pol, tiny=args.smoke)
+    convert = make_converter(args.method, key, roles)
     params = build_params(shapes, key, convert)
     jax.block_until_ready(params)
     build_s = time.time() - t0
@@ -164,14 +189,13 @@ def main():
     leaves = jax.tree_util.tree_leaves(params)
     wbytes = int(sum(l.size * l.dtype.itemsize for l in leaves))
 
+    smoke = " --smoke" if args.smoke else ""
     if args.weights_only:
         row = {"model": args.model, "method": args.method, "weight_bytes": wbytes, "build_s": round(build_s, 1),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-               "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"}
-        return _emit(row, args.out)
-    if args.method.startswith("svdquant"):
-        # the fused/unfused low-rank choice is a module constant read at trace time
-        ops.FUSE_LOWRANK_HOPPER = fuse
+               "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"
+                          + smoke}
+        return emit(dict(row, smoke=True) if args.smoke else row, args.out)
     f = jax.jit(step)
     t = jnp.full((1,), 500, jnp.int32)
     out, compile_s, times, peak = time_step(f, params, x, t, args.reps)
@@ -182,11 +206,13 @@ def main():
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
-           "small_m_xla": ops.SMALL_M_XLA,
+           "small_m_xla": pol.small_m,
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
                       + f" --attention {args.attention}" + (" --profile" if args.profile else "")
-                      + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}")}
+                      + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}") + smoke}
+    if args.smoke:
+        row["smoke"] = True
     if args.profile:
         try:
             from jax.experimental.mosaic.gpu import profiler
@@ -204,10 +230,10 @@ def main():
             row["profile_top"] = sorted(([k, round(v, 3)] for k, v in top.items()), key=lambda r: -r[1])[:12]
         except Exception as e:  # pragma: no cover
             row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    _emit(row, args.out)
+    emit(row, args.out)
 
 
-def _emit(row: dict, path: str) -> None:
+def emit(row: dict, path: str) -> None:
     """Print ``row`` and append it to the JSON-lines file ``path``."""
     print(json.dumps(row), flush=True)
     with open(path, "a") as fh:

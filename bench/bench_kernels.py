@@ -11,6 +11,7 @@ call summed; wall clock with block_until_ready as fallback), median of ``--reps`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -24,13 +25,53 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import reference as ref
-from pallas_kernels import triton_kernels as tk
+from pallas_kernels.int_gemm import GemmConfig, int_gemm, int_gemm_reference
+from pallas_kernels.quantize_act import QuantizeConfig, quantize_act, quantize_act_reference, quantize_config
 
 try:
-    from pallas_kernels import mosaic_kernels as mk
+    from pallas_kernels import int_gemm_hopper as mk
 except Exception:  # pragma: no cover
     mk = None
+
+#: --smoke: the Triton kernels run in Pallas' interpreter (CPU); set by main()
+INTERPRET = False
+
+
+def gcfg(**kw) -> GemmConfig:
+    """The Triton GEMM's config (``GemmConfig`` fields; interpreted under --smoke)."""
+    return GemmConfig(**kw, interpret=INTERPRET)
+
+
+def qcfg(cfg: QuantizeConfig) -> QuantizeConfig:
+    """A quantize-kernel config, interpreted under --smoke."""
+    return dataclasses.replace(cfg, interpret=INTERPRET)
+
+
+_LAUNCH_FIELDS = frozenset(f.name for f in dataclasses.fields(QuantizeConfig))
+
+
+def _launch_kw(cfg: dict) -> dict:
+    """The launch parameters (``QuantizeConfig`` fields) of a quantize-bench entry."""
+    return {k: v for k, v in cfg.items() if k in _LAUNCH_FIELDS}
+
+
+def _act_kw(cfg: dict) -> dict:
+    """The op's own arguments (``bits``, ``group_size``) of a quantize-bench entry."""
+    return {k: v for k, v in cfg.items() if k not in _LAUNCH_FIELDS}
+
+
+def hcfg(**kw):
+    """The Hopper GEMM's config (``HopperGemmConfig`` fields)."""
+    return mk.HopperGemmConfig(**kw)
+
+
+def ref_qlinear_forward(x, wq, sw, *, bias=None, smooth=None, l1=None, l2=None, out_dtype=jnp.bfloat16):
+    """Quantize then integer GEMM, both references: the composed W8A8 linear ``[M, K] → [M, N]``
+    (was ``pallas_kernels.reference.qlinear_forward``)."""
+    codes, sx, xl1 = quantize_act_reference(x, smooth=smooth, l1=l1)
+    return int_gemm_reference(codes, wq, sx, sw, bias=bias, xa=xl1, l2=l2 if l1 is not None else None,
+                              out_dtype=out_dtype)
+
 
 SHAPES = [  # (model, layer, M, K, N)
     ("DiT-XL/2", "qkv", 512, 1152, 3456), ("DiT-XL/2", "proj", 512, 1152, 1152),
@@ -104,9 +145,9 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     sw = jnp.maximum(jnp.max(jnp.abs(wf), axis=0, keepdims=True) / 127, 1e-8)
     wq = jnp.clip(jnp.round(wf / sw), -127, 127).astype(jnp.int8)
     wt = wq.T
-    xq, sx, xl1 = ref.quantize_act(x, l1=l1)
+    xq, sx, xl1 = quantize_act_reference(x, l1=l1)
     xl1 = xl1.astype(jnp.bfloat16)
-    xqa, sxa, _, zxa = ref.quantize_act(x, symmetric=False)  # asymmetric per-token codes + zero points
+    xqa, sxa, _, zxa = quantize_act_reference(x, symmetric=False)  # asymmetric per-token codes + zero points
     # W4, group 64
     g = 64
     wg = wf.reshape(k // g, g, n)
@@ -132,22 +173,22 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
             .astype(jnp.float32) * s1 * s2 + bb + jnp.dot(xa, ll, preferred_element_type=jnp.float32)
         ).astype(jnp.bfloat16)), (xqm, wq, sx[:m], sw, bias, xl1[:m], l2)),
-        "triton_w8a8": (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
-            a, b, s1, s2, bias=bb, block_m=bm)), (xq, wq, sx, sw, bias)),
-        "triton_w8a8_lr32": (jax.jit(lambda a, b, s1, s2, bb, xa, ll: tk.int_gemm(
-            a, b, s1, s2, bias=bb, xa=xa, l2=ll, block_m=bm)), (xq, wq, sx, sw, bias, xl1, l2)),
-        "triton_w4a8_g64": (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
-            a, b, s1, s2, bias=bb, packed=True, block_m=bm)), (xq, w4p, sx, sw4, bias)),
+        "triton_w8a8": (jax.jit(lambda a, b, s1, s2, bb: int_gemm(
+            a, b, s1, s2, bias=bb, config=gcfg(block_m=bm))), (xq, wq, sx, sw, bias)),
+        "triton_w8a8_lr32": (jax.jit(lambda a, b, s1, s2, bb, xa, ll: int_gemm(
+            a, b, s1, s2, bias=bb, xa=xa, l2=ll, config=gcfg(block_m=bm))), (xq, wq, sx, sw, bias, xl1, l2)),
+        "triton_w4a8_g64": (jax.jit(lambda a, b, s1, s2, bb: int_gemm(
+            a, b, s1, s2, bias=bb, packed=True, config=gcfg(block_m=bm))), (xq, w4p, sx, sw4, bias)),
     }
     # K-major codes (QLinear w_layout="nk"): int8 [N, K]; int4 as jnp.int4 [N, K]
     w4t = w4.T.astype(jnp.int4)
     w4c_scale = jnp.maximum(jnp.max(jnp.abs(wf), axis=0, keepdims=True) / 7, 1e-8)  # W4 per channel
     w4c = jnp.clip(jnp.round(wf / w4c_scale), -8, 7).astype(jnp.int8)
     w4ct = w4c.T.astype(jnp.int4)
-    xq4, sx4, xl14 = ref.quantize_act(x, bits=4, l1=l1, group_size=64)  # W4A4: per (token, group 64)
+    xq4, sx4, xl14 = quantize_act_reference(x, bits=4, l1=l1, group_size=64)  # W4A4: per (token, group 64)
     xl14 = xl14.astype(jnp.bfloat16)
-    variants["triton_w8a8_kmajor"] = (jax.jit(lambda a, b, s1, s2, bb: tk.int_gemm(
-        a, b, s1, s2, bias=bb, block_m=bm, w_kmajor=True)), (xq, wt, sx, sw, bias))
+    variants["triton_w8a8_kmajor"] = (jax.jit(lambda a, b, s1, s2, bb: int_gemm(
+        a, b, s1, s2, bias=bb, w_kmajor=True, config=gcfg(block_m=bm))), (xq, wt, sx, sw, bias))
     if mk is not None:
         ws = mk.int8_gemm_ws
         variants["mgpu_ws_w8a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
@@ -155,11 +196,12 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         variants["mgpu_ws_w8a8_asym"] = (jax.jit(lambda a, b, s1, s2, bb, z: ws(
             a, b, s1[:, 0], s2[0], bias=bb, x_zero=z[:, 0])), (xqa, wt, sxa, sw, bias, zxa))
         variants["mgpu_ws_w8a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
-            a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, wt, sx, sw, bias))
+            a, b, s1[:, 0], s2[0], bias=bb, config=hcfg(tile_n=64))), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_lr32_fused"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
             a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll)), (xq, wt, sx, sw, bias, xl1, l2))
         variants["mgpu_ws_w8a8_lr32_inacc"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
-            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, lr_in_acc=True)), (xq, wt, sx, sw, bias, xl1, l2))
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, config=hcfg(lr_in_acc=True))),
+            (xq, wt, sx, sw, bias, xl1, l2))
         variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
             ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
@@ -174,7 +216,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         variants["mgpu_ws_w4a8"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb)), (xq, w4ct, sx, w4c_scale, bias))
         variants["mgpu_ws_w4a8_tn64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
-            a, b, s1[:, 0], s2[0], bias=bb, tile_n=64)), (xq, w4ct, sx, w4c_scale, bias))
+            a, b, s1[:, 0], s2[0], bias=bb, config=hcfg(tile_n=64))), (xq, w4ct, sx, w4c_scale, bias))
         variants["mgpu_ws_w4a8_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2, bias=bb)), (xq, w4t, sx, sw4, bias))
         variants["mgpu_ws_w4a4_g64"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
@@ -185,19 +227,20 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             ws(a, b, s1, s2, bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),
             (xq4, w4t, sx4, sw4, bias, xl14, l2))
-    variants["triton_w4a4_g64_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: tk.int_gemm(
-        a, b, s1, s2, bias=bb, xa=xa, l2=ll, packed=True, block_m=bm)), (xq4, w4p, sx4, sw4, bias, xl14, l2))
+    variants["triton_w4a4_g64_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: int_gemm(
+        a, b, s1, s2, bias=bb, xa=xa, l2=ll, packed=True, config=gcfg(block_m=bm))),
+        (xq4, w4p, sx4, sw4, bias, xl14, l2))
 
     refs = {}
     if check:
-        refs["w8"] = ref.int_gemm(xq, wq, sx, sw, bias=bias)
-        refs["w8asym"] = ref.int_gemm(xqa, wq, sxa, sw, bias=bias, x_zero=zxa)
-        refs["w8gr"] = ref.int_gemm(xqm, wq, sx[:m], sw, bias=bias, gate=gate, residual=resid)
-        refs["w8lr"] = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
-        refs["w4"] = ref.int_gemm(xq, w4p, sx, sw4, bias=bias, packed=True)
-        refs["w4c"] = ref.int_gemm(xq, w4c, sx, w4c_scale, bias=bias)
-        refs["w4a4"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias)
-        refs["w4a4lr"] = ref.int_gemm(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
+        refs["w8"] = int_gemm_reference(xq, wq, sx, sw, bias=bias)
+        refs["w8asym"] = int_gemm_reference(xqa, wq, sxa, sw, bias=bias, x_zero=zxa)
+        refs["w8gr"] = int_gemm_reference(xqm, wq, sx[:m], sw, bias=bias, gate=gate, residual=resid)
+        refs["w8lr"] = int_gemm_reference(xq, wq, sx, sw, bias=bias, xa=xl1, l2=l2)
+        refs["w4"] = int_gemm_reference(xq, w4p, sx, sw4, bias=bias, packed=True)
+        refs["w4c"] = int_gemm_reference(xq, w4c, sx, w4c_scale, bias=bias)
+        refs["w4a4"] = int_gemm_reference(xq4, w4, sx4, sw4, bias=bias)
+        refs["w4a4lr"] = int_gemm_reference(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
               "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
               "mgpu_ws_w8a8_lr32_inacc": "w8lr", "mgpu_ws_w8a8_asym": "w8asym",
@@ -231,12 +274,12 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     gemm = "mgpu" if mk is not None else "triton"
 
     def fused(a, s, la, lb, b_, wq_, wt_, sw_):
-        c, s1, xa = tk.quantize_act(a, smooth=s, l1=la, **tk.quantize_config(a.shape[0], a.shape[1], dot=True,
-                                                                              smooth=True, grouped=False))
-        if gemm == "mgpu":  # the path ops.qlinear_apply takes on Hopper
+        c, s1, xa = quantize_act(a, smooth=s, l1=la, config=qcfg(quantize_config(a.shape[0], a.shape[1], dot=True,
+                                                                                  smooth=True, grouped=False)))
+        if gemm == "mgpu":  # the backend's Hopper path with fuse_lowrank=False
             y = mk.int8_gemm_ws(c, wt_, s1[:, 0], sw_[0], bias=b_).astype(jnp.float32)
             return (y + jnp.dot(xa, lb, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
-        return tk.int_gemm(c, wq_, s1, sw_, bias=b_, xa=xa, l2=lb, block_m=bm)
+        return int_gemm(c, wq_, s1, sw_, bias=b_, xa=xa, l2=lb, config=gcfg(block_m=bm))
 
     def xla_comp(a, s, la, lb, b_, wq_, wt_, sw_):
         xt = a.astype(jnp.float32) / s
@@ -258,44 +301,49 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             if base:
                 row["speedup_vs_xla_bf16"] = base / ms
             if check and name.startswith("qlinear_fused"):
-                r0 = ref.qlinear_forward(x, wq, sw, bias=bias, smooth=smooth, l1=l1, l2=l2)
+                r0 = ref_qlinear_forward(x, wq, sw, bias=bias, smooth=smooth, l1=l1, l2=l2)
                 row["rel_err_vs_ref"] = rel_err(jax.jit(f)(a, smooth, l1, l2, bias, wq, wt, sw)[:m], r0[:m])
         except Exception as e:
             row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    # one whole QLinear (dynamic per-token A8, per-channel W, K-major codes): ops' kernel path
-    # (quantize kernel + GEMM kernel, rows padded) vs the layer's XLA integer path (XLA's
-    # quantize fusion + XLA's integer dot on the codes as stored), which ops takes at
-    # ≤ ops.SMALL_M_XLA rows
-    from jaxdq.quant.qlinear import QLinear
+    # one whole QLinear (dynamic per-token A8, per-channel W, K-major codes): the backend's
+    # kernel path (quantize kernel + GEMM kernel, rows padded; Hopper GEMM where the Mosaic GPU
+    # kernels import, low rank unfused, small_m=0 so every M takes it) vs the layer's XLA
+    # integer path (XLA's quantize fusion + XLA's integer dot on the codes as stored), which
+    # policy("kernels") takes at <= Policy.small_m rows.
+    from jaxdq import backend
+    from jaxdq.quant.layers import ActQuant, QLinear, QWeight
     from jaxdq.quant.quantizer import QuantSpec
-    from pallas_kernels import ops
 
-    a8 = QuantSpec(8, granularity="token")
-    qls = {"w8a8": QLinear(qweight=wq, w_scale=sw, bias=bias, w_spec=QuantSpec(8, granularity="channel"),
-                           act_spec=a8),
-           "w4a8": QLinear(qweight=pack_int4(w4c), w_scale=w4c_scale, bias=bias, packed=True,
-                           w_spec=QuantSpec(4, granularity="channel"), act_spec=a8)}
+    pol_kernels = backend.policy("kernels", gemm="hopper" if mk is not None else "triton", fuse_lowrank=False,
+                                 small_m=0, interpret=INTERPRET)
+    pol_int = backend.policy("integer")
+    a8 = ActQuant(spec=QuantSpec(8, granularity="token"))
+    qls = {"w8a8": QLinear(weight=QWeight(codes=wq, scale=sw, spec=QuantSpec(8, granularity="channel")),
+                           act=a8, bias=bias),
+           "w4a8": QLinear(weight=QWeight(codes=pack_int4(w4c), scale=w4c_scale, packed=True,
+                                          spec=QuantSpec(4, granularity="channel")), act=a8, bias=bias)}
     for wname, q in qls.items():
-        q = q.to_layout("nk")
+        q = backend.stored_for_kernels({"q": q})["q"]
         for path in ("kernels", "xla_int"):
             name = f"qlinear_{wname}_{path}"
             if not want(name):
                 continue
             row = {"model": model, "layer": layer, "shape": shape, "M": m, "K": k, "N": n, "variant": name}
             try:
-                if path == "kernels":
-                    f = jax.jit(lambda a, q: ops._kernel_forward(q, a, fuse=False, hopper=mk is not None))
-                else:  # what qlinear_apply runs at ≤ ops.SMALL_M_XLA rows
-                    f = jax.jit(lambda a, q: q.replace(impl="int")(a))
+                pol = pol_kernels if path == "kernels" else pol_int
+                if backend.choose(q, m, pol) != ("kernel" if path == "kernels" else "int"):
+                    raise ValueError(f"{name}: the backend would run {backend.choose(q, m, pol)!r} here")
+                f = jax.jit(lambda a, q, pol=pol: backend.execute(q, a, pol))
                 ms, how = timer(f, xm, q)
                 row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)
                 if base:
                     row["speedup_vs_xla_bf16"] = base / ms
                 if check:
-                    row["rel_err_vs_fake_ref"] = rel_err(f(xm, q), jax.jit(lambda a, q: q(a))(xm, q))
+                    ref = jax.jit(lambda a, q: backend.execute(q, a, backend.REFERENCE))
+                    row["rel_err_vs_fake_ref"] = rel_err(f(xm, q), ref(xm, q))
             except Exception as e:
                 row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
             rows.append(row)
@@ -342,12 +390,13 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             row = {"model": model, "layer": layer, "shape": f"{mp}x{k}", "M": mp, "K": k, "variant": name}
             try:
                 if cfg is None:  # XLA: the reference under jit
-                    f = jax.jit(lambda a, s, la, use_s=use_s, use_l1=use_l1: ref.quantize_act(
+                    f = jax.jit(lambda a, s, la, use_s=use_s, use_l1=use_l1: quantize_act_reference(
                         a, smooth=s if use_s else None, l1=la if use_l1 else None))
                 else:
                     f = jax.jit(lambda a, s, la, cfg=cfg, had=had, use_s=use_s, use_l1=use_l1, sym=fam != "quantize_asym":
-                                tk.quantize_act(a, smooth=s if use_s else None, l1=la if use_l1 else None,
-                                                had_block=had, symmetric=sym, **cfg)[:3])
+                                quantize_act(a, smooth=s if use_s else None, l1=la if use_l1 else None,
+                                             had_block=had, symmetric=sym, **_act_kw(cfg),
+                                             config=qcfg(QuantizeConfig(**_launch_kw(cfg))))[:3])
                 ms, how = timer(f, x, smooth, l1)
                 cfg = cfg or {}
                 nsc = k // cfg["group_size"] if "group_size" in cfg else 1
@@ -357,10 +406,11 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
                            hbm_fraction=nbytes / (ms * 1e-3) / bw, timer=how)
                 if check:
                     c, s1, xa = f(x, smooth, l1)
-                    c0, s0, xa0 = ref.quantize_act(x, smooth=smooth if use_s else None, l1=l1 if use_l1 else None,
-                                                   had_block=had, bits=cfg.get("bits", 8),
-                                                   group_size=cfg.get("group_size", 0),
-                                                   symmetric=fam != "quantize_asym")[:3]
+                    c0, s0, xa0 = quantize_act_reference(x, smooth=smooth if use_s else None,
+                                                         l1=l1 if use_l1 else None,
+                                                         had_block=had, bits=cfg.get("bits", 8),
+                                                         group_size=cfg.get("group_size", 0),
+                                                         symmetric=fam != "quantize_asym")[:3]
                     d = np.abs(np.asarray(c, np.int32) - np.asarray(c0, np.int32))
                     row.update(codes_max_abs_diff=int(d.max()), codes_mismatch_frac=float((d > 0).mean()),
                                scale_rel_err=rel_err(s1, s0))
@@ -382,14 +432,12 @@ def main():
     p.add_argument("--variants", default="all",
                    help="comma-separated name prefixes to run (NAME$: exactly NAME), or 'all'")
     a = p.parse_args()
-    global SHAPES, mk
+    global SHAPES, mk, INTERPRET
     if a.smoke:
-        import functools as ft
         SHAPES = [("smoke", "tiny", 128, 256, 256)]
         a.only = ""
         mk = None
-        tk.int_gemm = ft.partial(tk.int_gemm, interpret=True)
-        tk.quantize_act = ft.partial(tk.quantize_act, interpret=True)
+        INTERPRET = True
     if a.variants == "all":
         want = lambda name: True
     else:

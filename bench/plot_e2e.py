@@ -1,76 +1,95 @@
-"""Where a sampling step's time goes: one stacked bar per (model, method) from bench_e2e's profile.
+"""Where a sampling step's time goes: one stacked horizontal bar per (model, method) from bench_e2e's profile.
 
     python bench/plot_e2e.py bench/results/e2e_h100.json bench/results/e2e_h100.png
 
-Bars are scaled per model (the longest step of that model fills the width); segments are
-the profile's categories: quantize kernel, integer GEMM kernel, XLA GEMMs (attention's
-among them), everything else.
+One panel per model, each with its own axis in ms (the models differ ~100× in step time).
+A bar's length is the measured median step time; its segments are the profile's categories
+(quantize kernel, integer GEMM kernel, XLA GEMMs — attention's among them — and everything
+else), each the category's share of the profiled kernel time, scaled to that step time.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 
-import numpy as np
+import matplotlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-from jaxdq.viz import text_image, write_png  # noqa: E402
-
-CATEGORIES = (("quantize_kernel", (230, 140, 30)), ("int_gemm_kernel", (40, 160, 60)),
-              ("xla_gemm", (50, 100, 200)), ("other", (170, 170, 170)))
+CATEGORIES = (("quantize_kernel", "quantize kernel", "#e68c1e"), ("int_gemm_kernel", "integer GEMM kernel", "#28a03c"),
+              ("xla_gemm", "XLA GEMMs (incl. attention)", "#3264c8"), ("other", "other", "#aaaaaa"))
 METHOD_ORDER = ("bf16", "w8a8-xla", "w8a8", "w4a8", "svdquant-w4a4", "svdquant-w4a4-unfused")
-LABEL_W, BAR_W, ROW_H, SCALE = 330, 620, 22, 2
 
 
-def _paste(canvas, img, y, x):
-    h, w = img.shape[:2]
-    w = min(w, canvas.shape[1] - x)
-    canvas[y:y + h, x:x + w] = img[:, :w]
+def _method_key(method: str):
+    return (METHOD_ORDER.index(method), method) if method in METHOD_ORDER else (len(METHOD_ORDER), method)
+
+
+def plot(rows: list[dict], title: str | None = None) -> plt.Figure:
+    """``rows``: bench_e2e rows with ``profile_ms`` and ``step_ms_median``; one subplot per model."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    counts = [sum(r["model"] == m for r in rows) for m in models]
+    fig, axes = plt.subplots(len(models), 1, figsize=(9, 1.1 + 0.42 * sum(counts) + 0.5 * len(models)),
+                             gridspec_kw={"height_ratios": counts}, squeeze=False)
+    for ax, mdl in zip(axes[:, 0], models):
+        mine = sorted((r for r in rows if r["model"] == mdl), key=lambda r: _method_key(r["method"]))
+        y = np.arange(len(mine))
+        left = np.zeros(len(mine))
+        for key, label, color in CATEGORIES:
+            widths = np.array([r["step_ms_median"] * r["profile_ms"].get(key, 0.0)
+                               / (sum(r["profile_ms"].values()) or 1.0) for r in mine])
+            ax.barh(y, widths, left=left, color=color, label=label, height=0.62, edgecolor="white", linewidth=0.5)
+            left += widths
+        longest = max(r["step_ms_median"] for r in mine)
+        for yi, r in zip(y, mine):
+            ax.text(r["step_ms_median"] + 0.01 * longest, yi, f"{r['step_ms_median']:.1f} ms",
+                    va="center", ha="left", fontsize=8.5)
+        ax.set_yticks(y, [r["method"] for r in mine])
+        ax.invert_yaxis()  # first method on top
+        ax.set_xlim(0, longest * 1.16)
+        ax.set_title(mdl, loc="left", fontsize=10, fontweight="bold")
+        ax.set_xlabel("step time (ms)", fontsize=8.5)
+        ax.tick_params(labelsize=8.5)
+        ax.grid(axis="x", color="#dddddd", linewidth=0.6)
+        ax.set_axisbelow(True)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(CATEGORIES), fontsize=8.5, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    if title:
+        fig.suptitle(title, y=1.04, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return fig
 
 
 def render(rows: list[dict]) -> np.ndarray:
-    """``rows``: bench_e2e rows with ``profile_ms``; returns an RGB uint8 image."""
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    lines = [("legend", None)]
-    for mdl in models:
-        lines.append(("title", mdl))
-        mine = [r for r in rows if r["model"] == mdl]
-        lines += [("bar", r) for r in sorted(mine, key=lambda r: METHOD_ORDER.index(r["method"]))]
-    height = ROW_H * len(lines) + 10
-    canvas = np.full((height, LABEL_W + BAR_W + 150, 3), 255, np.uint8)
-    for i, (kind, item) in enumerate(lines):
-        y = 5 + i * ROW_H
-        if kind == "legend":
-            x = 4
-            for name, color in CATEGORIES:
-                canvas[y + 2:y + 14, x:x + 14] = color
-                label = text_image(name.replace("_", " "), scale=SCALE)
-                _paste(canvas, label, y, x + 18)
-                x += 18 + label.shape[1] + 16
-        elif kind == "title":
-            _paste(canvas, text_image(item, scale=SCALE), y + 4, 4)
-        else:
-            r = item
-            longest = max(q["step_ms_median"] for q in rows if q["model"] == r["model"])
-            _paste(canvas, text_image(f"  {r['method']}", scale=SCALE), y, 4)
-            prof = r.get("profile_ms", {})
-            total = sum(prof.values()) or 1.0
-            x = LABEL_W
-            for name, color in CATEGORIES:
-                # the profile's kernel times, scaled to the measured step time
-                w = int(round(BAR_W * r["step_ms_median"] / longest * prof.get(name, 0.0) / total))
-                canvas[y + 1:y + 15, x:x + w] = color
-                x += w
-            _paste(canvas, text_image(f"{r['step_ms_median']:.1f} ms", scale=SCALE), y, x + 6)
-    return canvas
+    """The plot as an RGB uint8 ``[H, W, 3]`` array."""
+    fig = plot(rows)
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
 
 
-def main():
-    src, dst = sys.argv[1], sys.argv[2]
-    rows = [r for r in json.load(open(src))["rows"] if "profile_ms" in r]
-    write_png(dst, render(rows))
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        sys.exit("usage: python bench/plot_e2e.py RESULTS.json OUT.png")
+    src, dst = argv
+    with open(src) as f:
+        data = json.load(f)
+    rows = [r for r in data["rows"] if "profile_ms" in r]
+    if not rows:
+        sys.exit(f"{src}: no rows with a profile_ms breakdown")
+    meta = data.get("meta", {})
+    title = " · ".join(str(meta[k]) for k in ("device", "jax") if k in meta) or None
+    fig = plot(rows, title=title)
+    fig.savefig(dst, dpi=150, bbox_inches="tight", facecolor="white")
+    plt.close(fig)
+    print(f"wrote {dst}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ each maps to the param path with ``name.<i>`` → ``name_<i>``
 
 * Linear ``weight [out, in]`` → ``kernel [in, out]`` (a 1x1-conv ``[out, in, 1, 1]`` is accepted too);
 * Conv2d ``weight [out, in, kh, kw]`` → ``kernel [kh, kw, in, out]``;
-* GroupNorm / LayerNorm ``weight`` → ``scale``; biases unchanged.
+* GroupNorm / LayerNorm ``weight`` → ``scale``; biases unchanged;
+* the class embedding ``class_embedding.weight [num_class_embeds, D]`` → ``class_embedding/embedding``
+  (same layout).
 
 Checkpoints saved before diffusers 0.14 name the UNet2DModel / VAE attention Linears
 ``query``/``key``/``value``/``proj_attn``; they are renamed to ``to_q``/``to_k``/``to_v``/
@@ -40,6 +42,13 @@ def rename_legacy_attention(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
+def _torch_key(path: str) -> str:
+    """:func:`torch_key`, plus the class embedding table (Flax ``nn.Embed``'s leaf is ``embedding``)."""
+    if path == "class_embedding/embedding":
+        return "class_embedding.weight"
+    return torch_key(path)
+
+
 def _error(missing, unexpected, mismatched, other, model: str) -> ConversionError:
     err = ConversionError(missing, unexpected, mismatched, other)
     # ConversionError's message names DiT; say which model instead
@@ -67,7 +76,7 @@ def _to_flax(w: np.ndarray, shape: tuple[int, ...], leaf: str) -> np.ndarray:
 def expected_keys(shapes: Mapping) -> dict[str, tuple[int, ...]]:
     """``{diffusers key: torch shape}`` the converter expects for a params tree of these shapes
     (e.g. ``expected_keys(unet_param_shapes(cfg))``)."""
-    return {torch_key(p): _torch_shape(s, p.rsplit("/", 1)[-1]) for p, s in flat_shapes(shapes).items()}
+    return {_torch_key(p): _torch_shape(s, p.rsplit("/", 1)[-1]) for p, s in flat_shapes(shapes).items()}
 
 
 def convert_by_shapes(state_dict: Mapping[str, np.ndarray], shapes: Mapping, model: str) -> dict:
@@ -82,7 +91,7 @@ def convert_by_shapes(state_dict: Mapping[str, np.ndarray], shapes: Mapping, mod
     targets = {}  # torch key -> (flax path, flax shape, torch shape)
     for path, shape in flat_shapes(shapes).items():
         leaf = path.rsplit("/", 1)[-1]
-        targets[torch_key(path)] = (path, shape, _torch_shape(shape, leaf))
+        targets[_torch_key(path)] = (path, shape, _torch_shape(shape, leaf))
     missing = [k for k in targets if k not in sd]
     unexpected = sorted(set(sd) - set(targets))
     mismatched = []

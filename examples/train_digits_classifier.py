@@ -49,13 +49,15 @@ def accuracy(params, x, y) -> float:
 def check_default_model(clf, images, labels, n: int = 100, seed: int = 0) -> dict:
     """Class agreement and FD-digits of ``n`` default-DiT samples (DDIM 50, CFG 4) vs real data."""
     from jaxdq.metrics import class_agreement, frechet_distance
-    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels
+    from jaxdq.models.sources import load_model
+    from jaxdq.sampling.families import Request
 
     model = load_model("default")
-    x_T, y = noise_and_labels(model.config, list(range(10)), n // 10, seed)
+    b = model.family.batch(model.config, Request(classes=tuple(range(10)), per_class=n // 10, seed=seed))
+    y = b.labels
     t0 = time.time()
-    x0 = np.asarray(make_sampler(model.config, solver="ddim", num_steps=50, cfg_scale=4.0)(
-        model.params, x_T, y, jax.random.PRNGKey(seed + 1)))
+    x0 = np.asarray(model.family.sampler(model.config, solver="ddim", num_steps=50, guidance=4.0)(
+        model.params, b.x_T, b.cond, b.uncond, jax.random.PRNGKey(seed + 1)))
     sample_s = time.time() - t0
     f_gen, f_real = clf.features(x0), clf.features(images)
     rng = np.random.default_rng(seed)

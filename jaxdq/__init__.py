@@ -1,2 +1,2 @@
 """jaxdq: post-training quantization of diffusion models in JAX."""
-__version__ = "0.1.0"
+__version__ = "0.3.0"

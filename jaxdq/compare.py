@@ -1,19 +1,21 @@
 """One comparison of quantization methods on one model, from the same noise.
 
-:func:`run_compare` calibrates once, quantizes the float model with every method,
-samples every variant from the same initial noise and labels, and scores each
-against the float model's samples:
+:func:`run_compare` calibrates once (the union of the methods' needs), quantizes the float
+model with every method, samples every variant from the same initial noise and
+conditioning, and scores each against the float model's samples:
 
 * fidelity: PSNR (pooled) and SSIM (mean per image) against the float samples;
-* distribution: FD-digits, the Fréchet distance of the in-project digits
-  classifier's features (an in-project proxy of FID), against the float samples
-  and, for the default digits model, against the real digits data;
-* alignment: class agreement, the fraction of samples the classifier assigns to
-  their conditioning label (an in-project proxy of CLIPScore);
+* distribution: FD-digits, the Fréchet distance of the in-project digits classifier's
+  features (an in-project proxy of FID), against the float samples and, for jaxdq's digits
+  models, against the real digits data;
+* alignment: class agreement, the fraction of samples the classifier assigns to their
+  conditioning class or prompted digit (an in-project proxy of CLIPScore);
 * memory: weight bytes (every array of the params tree) and compression vs FP32.
 
+It runs on every model family (:mod:`jaxdq.sampling.families`).  Latent models are scored
+on their decoded images when a VAE is given, else on the latents (and the PNG says so).
 Users with real Inception/CLIP features pass their own ``extractor``
-(:class:`jaxdq.metrics.FeatureExtractor`).
+(:class:`jaxdq.metrics.FeatureExtractor`).  ``jaxdq demo`` is this with three methods.
 """
 from __future__ import annotations
 
@@ -24,55 +26,87 @@ import time
 from collections.abc import Sequence
 from typing import Optional
 
+import jax
 import numpy as np
+
+from jaxdq import metrics
+from jaxdq.backend import REFERENCE, Policy
+from jaxdq.models.sources import DEFAULT_SOURCES, LoadedModel, load_model
+from jaxdq.quant.layers import nbytes
+from jaxdq.quant.recipes import get_recipe
+from jaxdq.quantize import calibration, quantize_model
+from jaxdq.sampling.families import Request
 
 DEFAULT_METHODS = ("naive-w8a8", "qdiffusion-w8a8", "smoothquant-w8a8", "quarot-w8a8", "vidit-q-w8a8",
                    "naive-w4a8", "qdiffusion-w4a8", "smoothquant-w4a8", "quarot-w4a8", "vidit-q-w4a8",
                    "vidit-q-mp", "vidit-q-mp-static", "svdquant-w8a8", "svdquant-w4a8", "svdquant")
+DEMO_METHODS = ("w8a8", "w4a8", "naive")
+
+
+def is_latent(model: LoadedModel) -> bool:
+    """Whether the model's samples are latents (not 1- or 3-channel images)."""
+    return model.arch == "flux" or getattr(model.config, "in_channels", 3) not in (1, 3)
+
+
+def to_images(model: LoadedModel, x0: np.ndarray, vae: Optional[LoadedModel] = None) -> np.ndarray:
+    """Samples as images ``[N, C, H, W]`` (video: frames ``[N·F, C, H, W]``): latents are
+    decoded with ``vae`` when given, else returned as they are."""
+    x0 = np.asarray(x0)
+    if x0.ndim == 5:  # [N, C, F, H, W] → frames
+        x0 = x0.transpose(0, 2, 1, 3, 4).reshape(-1, *x0.shape[1:2], *x0.shape[3:])
+    if vae is not None and is_latent(model):
+        from jaxdq.models.vae import vae_decode
+
+        z = x0 / vae.config.scaling_factor
+        x0 = np.asarray(vae_decode(vae.params, jax.numpy.asarray(z), vae.config))
+    return x0
+
+
+def digits_model(model_source: str, images: np.ndarray) -> bool:
+    """jaxdq's own digits models, whose samples the digits classifier can score."""
+    return model_source in DEFAULT_SOURCES and images.shape[1:] == (1, 16, 16)
 
 
 def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_METHODS, *,
-                classes: Optional[Sequence[int]] = None, per_class: int = 10, solver: str = "ddim",
-                num_steps: int = 50, cfg_scale: float = 4.0, seed: int = 0, calib_per_class: int = 4,
-                extractor=None, out_dir: Optional[str] = None, progress: bool = True) -> dict:
+                classes: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None,
+                captions: Optional[str] = None, per_class: int = 10, solver: Optional[str] = None,
+                num_steps: Optional[int] = None, cfg_scale: Optional[float] = None, seed: int = 0,
+                calib_per_class: int = 4, vae: Optional[str] = None, extractor=None,
+                out_dir: Optional[str] = None, policy: Policy = REFERENCE, progress: bool = True,
+                model: Optional[LoadedModel] = None) -> dict:
     """Compare ``methods`` (and the float model) on one model; see module docstring.
 
-    Returns ``{"settings": ..., "results": [row per method], "images": {method: [N,C,H,W]}}``;
-    with ``out_dir`` also writes ``compare.md``, ``compare.json`` and ``compare.png``
-    (one row of samples per method).
+    Returns ``{"settings": ..., "results": [row per method], "images": {method: [N,C,H,W]},
+    "notes": [...]}``; with ``out_dir`` also writes ``compare.md``, ``compare.json`` and
+    ``compare.png`` (one row of samples per method).
     """
-    import jax
-
-    from jaxdq import metrics
-    from jaxdq.pipeline import calibrate, load_model, make_sampler, noise_and_labels, quantize_model, weight_bytes
-    from jaxdq.quant.recipes import METHODS, method_bits, needs_calibration
-
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    model = load_model(model_source)
-    model.require_dit("jaxdq compare")
-    nc = model.config.num_classes
-    classes = list(range(min(nc, 10))) if classes is None else list(classes)
-    if not classes or any(not 0 <= c < nc for c in classes):
-        raise ValueError(f"classes must be in [0, {nc}); got {classes}")
-    is_digits = model_source == "default"
-    if extractor is None and is_digits:
-        extractor = metrics.load_digits_classifier()
-    x_T, y = noise_and_labels(model.config, classes, per_class, seed)
-    run = make_sampler(model.config, solver=solver, num_steps=num_steps, cfg_scale=cfg_scale, progress=progress)
+    for m in methods:
+        get_recipe(m)  # unknown names fail before any work
+    model = model or load_model(model_source)
+    if model.quantized:
+        raise ValueError(f"compare needs a float model; {model_source} is quantized ({model.metadata['method']})")
+    fam = model.family
+    req = Request(classes=None if classes is None else tuple(classes), prompts=None if not prompts else tuple(prompts),
+                  captions=captions, per_class=per_class, seed=seed)
+    batch = fam.batch(model.config, req)
+    notes = list(batch.notes)
+    vae_model = load_model(vae) if vae else None
+    if is_latent(model) and vae_model is None:
+        notes.append("samples are latents (no --vae given): scores and pictures are of the latents")
+    for n in notes:
+        _log("note: " + n)
+    run = fam.sampler(model.config, solver=solver, num_steps=num_steps, guidance=cfg_scale, policy=policy,
+                      progress=progress)
     key = jax.random.PRNGKey(seed + 1)
     calib = None
-    if any(needs_calibration(m) for m in methods):
+    if any(m != "float" and get_recipe(m).needs.any for m in methods):
         _log("calibrating on the float model's own trajectories")
-        calib = calibrate(model, classes=classes, per_class=calib_per_class, seed=seed + 1000, solver=solver,
-                          num_steps=num_steps, cfg_scale=cfg_scale, keep_inputs=any(m.startswith("vidit-q-mp") for m in methods),
-                          samples=any(m.startswith("svdquant") for m in methods), progress=progress)
+        creq = Request(classes=req.classes, prompts=req.prompts, captions=captions, per_class=calib_per_class,
+                       seed=seed + 1000)
+        calib = calibration(model, methods, request=creq, solver=solver, num_steps=num_steps, guidance=cfg_scale,
+                            progress=progress)
+    images0 = None
     real_feats = None
-    if is_digits and extractor is not None:
-        from jaxdq.metrics.features import load_digits_16
-
-        real_feats = np.asarray(extractor(load_digits_16()[0]))
     rows, images = [], {}
     for name in ["float"] + list(methods):
         _log(f"[{name}] quantizing" if name != "float" else "[float] sampling")
@@ -80,35 +114,72 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
         m = quantize_model(model, name, calib=calib, progress=progress)
         tq = time.time() - t0
         t0 = time.time()
-        x0 = np.asarray(jax.block_until_ready(run(m.params, x_T, y, key)))
+        x0 = np.asarray(jax.block_until_ready(run(m.params, batch.x_T, batch.cond, batch.uncond, key)))
         ts = time.time() - t0
-        images[name] = x0
-        ref = None if name == "float" else images["float"]
-        if extractor is not None:
-            ev = metrics.evaluate(x0, ref, np.asarray(y), extractor=extractor)
-        else:  # no feature network for this model: fidelity metrics only
-            ev = {"psnr_db": None if ref is None else metrics.psnr(x0, ref),
-                  "ssim": None if ref is None else float(np.mean(metrics.ssim(x0, ref))),
-                  "fd": None, "class_agreement": None}
-        row = {"method": name, "bits": "W32A32" if name == "float" else method_bits(name),
-               "description": "float32 reference" if name == "float" else METHODS[name],
-               "psnr_db": _r(ev["psnr_db"]), "ssim": _r(ev["ssim"], 4), "fd_vs_float": _r(ev["fd"], 3),
-               "class_agreement": _r(ev["class_agreement"], 3),
-               "weight_bytes": weight_bytes(m.params), "quantize_s": round(tq, 1), "sample_s": round(ts, 1)}
-        if real_feats is not None:
-            row["fd_vs_data"] = _r(metrics.frechet_distance(np.asarray(extractor(x0)), real_feats), 3)
-        rows.append(row)
-        _log("  " + ", ".join(f"{k}={v}" for k, v in row.items() if k not in ("description", "method")))
+        img = to_images(model, x0, vae_model)
+        if images0 is None:
+            images0 = img
+            if extractor is None and digits_model(model_source, img):
+                extractor = metrics.load_digits_classifier()
+                from jaxdq.metrics.features import load_digits_16
+
+                real_feats = np.asarray(extractor(load_digits_16()[0]))
+        images[name] = img
+        rows.append(_score(name, img, None if name == "float" else images["float"], batch, extractor, real_feats,
+                           m, tq, ts))
+        _log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in ("description", "method")))
     for r in rows:
         r["compression_vs_fp32"] = round(rows[0]["weight_bytes"] / r["weight_bytes"], 2)
-    settings = {"model": model_source, "solver": solver, "steps": num_steps, "cfg": cfg_scale, "seed": seed,
-                "classes": classes, "per_class": per_class, "calib_per_class": calib_per_class,
-                "extractor": "digits classifier (in-project)" if is_digits else
-                (type(extractor).__name__ if extractor is not None else None)}
-    result = {"settings": settings, "results": rows, "images": images}
+    settings = {"model": model_source, "family": model.arch, "solver": solver or fam.solver,
+                "steps": num_steps or fam.steps, "cfg": fam.guidance if cfg_scale is None else cfg_scale,
+                "seed": seed, "rows": batch.rows, "per_class": per_class, "calib_per_class": calib_per_class,
+                "policy": policy.mode,
+                "extractor": None if extractor is None else (
+                    "digits classifier (in-project)" if real_feats is not None else type(extractor).__name__)}
+    if classes is not None:
+        settings["classes"] = list(classes)
+    result = {"settings": settings, "results": rows, "images": images, "notes": notes,
+              "latents": is_latent(model) and vae_model is None, "rows": batch.rows, "per_row": batch.per_row}
     if out_dir:
-        write_outputs(result, out_dir, len(classes), per_class, model.config.input_size)
+        write_outputs(result, out_dir)
     return result
+
+
+def _score(name, img, ref, batch, extractor, real_feats, m, tq, ts) -> dict:
+    labels = None if batch.labels is None else np.repeat(batch.labels, img.shape[0] // batch.size)
+    if extractor is not None:
+        ev = metrics.evaluate(img, ref, labels, extractor=extractor)
+    else:  # no feature network for this model: fidelity metrics only
+        ev = {"psnr_db": None if ref is None else metrics.psnr(img, ref, data_range=_range(ref)),
+              "ssim": None if ref is None else _ssim(img, ref, _range(ref)),
+              "fd": None, "class_agreement": None}
+    recipe = None if name == "float" else get_recipe(name)
+    row = {"method": name, "bits": "W32A32" if recipe is None else recipe.bits,
+           "description": "float32 reference" if recipe is None else recipe.description,
+           "psnr_db": _r(ev["psnr_db"]), "ssim": _r(ev["ssim"], 4), "fd_vs_float": _r(ev["fd"], 3),
+           "class_agreement": _r(ev["class_agreement"], 3),
+           "weight_bytes": nbytes(m.params), "quantize_s": round(tq, 1), "sample_s": round(ts, 1)}
+    if real_feats is not None:
+        row["fd_vs_data"] = _r(metrics.frechet_distance(np.asarray(extractor(img)), real_feats), 3)
+    return row
+
+
+def _ssim(img: np.ndarray, ref: np.ndarray, data_range: float) -> float:
+    """Mean SSIM: Wang et al.'s 11×11 Gaussian window, or for images smaller than it (tiny
+    latents) scikit-image's uniform window of the largest odd size that fits (at most 7)."""
+    side = min(img.shape[-2:])
+    if side >= 11:
+        return float(np.mean(metrics.ssim(img, ref, data_range)))
+    win = min(7, side if side % 2 else side - 1)
+    if win < 3:
+        return None
+    return float(np.mean(metrics.ssim(img, ref, data_range, gaussian=False, win_size=win)))
+
+
+def _range(ref: np.ndarray) -> float:
+    """PSNR/SSIM data range: 2 for images in [-1, 1], the float samples' spread otherwise (latents)."""
+    lo, hi = float(np.min(ref)), float(np.max(ref))
+    return 2.0 if lo >= -1.5 and hi <= 1.5 else hi - lo
 
 
 def _r(v, nd=2):
@@ -125,7 +196,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     head += ["FD vs data"] if has_data else []
     head += ["class agreement", "weight bytes", "vs FP32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    fmt = lambda v, f="{}": "—" if v is None else f.format(v)
+    fmt = lambda v, f="{}": "—" if v is None else f.format(v)  # noqa: E731
     for r in rows:
         cells = [r["method"], r["bits"], fmt(r["psnr_db"], "{:.2f}"), fmt(r["ssim"], "{:.4f}"),
                  fmt(r["fd_vs_float"], "{:.3f}")]
@@ -135,25 +206,34 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(result: dict, out_dir: str, n_classes: int, per_class: int, size: int) -> dict:
-    """``compare.md`` (table), ``compare.json`` (settings + rows), ``compare.png`` (a
-    labelled row of samples per method: the first sample of each class)."""
-    from jaxdq.viz import grid, labeled, side_by_side, write_png
+def write_outputs(result: dict, out_dir: str) -> dict:
+    """``compare.md`` (table), ``compare.json`` (settings + rows + notes) and ``compare.png``
+    (one labelled row per method: the first two samples of each conditioning row)."""
+    from jaxdq.viz import method_rows, write_png
 
     os.makedirs(out_dir, exist_ok=True)
     rows = result["results"]
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(markdown_table(rows) + "\n")
     with open(os.path.join(out_dir, "compare.json"), "w") as f:
-        json.dump({"settings": result["settings"], "results": rows}, f, indent=1)
-    up = max(1, 32 // size)
-    pick = [i * per_class + j for i in range(n_classes) for j in range(min(per_class, 2))]
-    panels = []
-    for r in rows:
-        title = r["method"] + ("" if r["psnr_db"] is None else f" {r['psnr_db']:.1f}dB")
-        panels.append(labeled(grid([result["images"][r["method"]][pick]], upscale=up), title))
-    width = max(p.shape[1] for p in panels)
-    stacked = np.concatenate([np.pad(p, ((0, 6), (0, width - p.shape[1]), (0, 0)), constant_values=255)
-                              for p in panels], axis=0)
-    write_png(os.path.join(out_dir, "compare.png"), side_by_side([stacked]))
+        json.dump({"settings": result["settings"], "results": rows, "notes": result["notes"]}, f, indent=1)
+    per = result["per_row"]
+    n_img = next(iter(result["images"].values())).shape[0]
+    frames = n_img // (per * len(result["rows"]))  # video: frames per sample
+    pick = [(i * per + j) * frames for i in range(len(result["rows"])) for j in range(min(per, 2))]
+    cols = [str(result["rows"][i]) for i in range(len(result["rows"])) for _ in range(min(per, 2))]
+    shown = {r["method"]: _displayable(result["images"][r["method"]][pick]) for r in rows}
+    title = "latents (channels 0-2 as RGB; pass --vae to decode)" if result.get("latents") else None
+    png = method_rows(shown, scores={r["method"]: r["psnr_db"] for r in rows}, col_titles=cols, title=title)
+    write_png(os.path.join(out_dir, "compare.png"), png)
     return {"md": os.path.join(out_dir, "compare.md")}
+
+
+def _displayable(x: np.ndarray) -> np.ndarray:
+    """``[N, C, H, W]`` with C in (1, 3): latents of other widths show channels 0–2 (or 0),
+    rescaled to [-1, 1] per array."""
+    if x.shape[1] in (1, 3):
+        return x
+    x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / max(hi - lo, 1e-8) * 2 - 1

@@ -1,74 +1,36 @@
-"""The one `linear` call every matmul of every jaxdq model goes through.
+"""The one ``Linear`` module every matmul of every jaxdq model goes through.
 
-A float linear layer is the dict ``{"kernel": [C_in, C_out], "bias": [C_out]}``;
-a quantized one is ``{"qlinear": QLinear(...)}`` (see :mod:`jaxdq.quant.qlinear`).
-:func:`linear` dispatches on which of the two it is given, so a quantized model is
-the same Flax module applied to a different params tree.
+A linear layer's params are the Flax-native float dict ``{"kernel": [C_in, C_out],
+"bias": [C_out]}`` or a typed layer of :mod:`jaxdq.quant.layers` (``QLinear``,
+``FloatLinear`` with input transforms, ...), possibly bound to an execution policy
+(:func:`jaxdq.backend.bind`).  :class:`Linear` hands whatever it holds to
+:func:`jaxdq.backend.linear`, so a quantized model is the same Flax module applied to a
+different params tree.
 
-:class:`Linear` is the Flax module wrapping :func:`linear`.  Applied with the
-``act_stats`` collection mutable it also records streaming statistics of its
-input (running maxima, so repeated calls reduce in place and nothing but the
-statistics is kept): this is how :mod:`jaxdq.calibrate` observes activations.
+Applied with the ``act_stats`` collection mutable, :class:`Linear` also records streaming
+statistics of its input (running maxima, so repeated calls reduce in place and nothing
+but the statistics is kept): this is how :mod:`jaxdq.calibrate` observes activations.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdq.quant.qlinear import QLinear
+from jaxdq import backend
+from jaxdq.quant.rules import ROLES  # noqa: F401  (re-exported: the role tags models use)
 
 ACT_STATS = "act_stats"
 ACT_SAMPLES = "act_samples"  # when mutable, each Linear keeps SAMPLE_TOKENS of its input tokens
 SAMPLE_TOKENS = 32
 
-# Role tags later transforms select on (see jaxdq.quant.rules).
-ROLES = ("self-attn", "cross-attn", "temporal-attn", "ffn", "adaLN", "time-embedding",
-         "embedding", "final", "other")
 
-
-def linear(p: Mapping[str, Any] | QLinear, x: jax.Array) -> jax.Array:
-    """``x @ W + b`` for a float layer dict, or the quantized forward of a QLinear.
-
-    A float layer dict may also carry the float-equivalent transforms of
-    :mod:`jaxdq.quant` (``smooth``, ``hadamard``, ``lowrank_a``/``lowrank_b``):
-    ``x' = H(x / smooth)``, ``y = x' W + (x' L1) L2 + b``.
-
-    Args:
-      p: ``{"kernel": [C_in, C_out], "bias": [C_out] (optional), ...}``, or
-         ``{"qlinear": QLinear}``, or a QLinear.
-      x: ``[..., C_in]`` floating array.
-    Returns:
-      ``[..., C_out]`` in ``x.dtype``.
-    """
-    if isinstance(p, Mapping) and "qlinear" in p:
-        p = p["qlinear"]
-    if isinstance(p, QLinear):
-        return p(x)
-    if not isinstance(p, Mapping):
-        raise TypeError(f"linear() got {type(p).__name__}; time-dependent layers must be resolved first "
-                        "(jaxdq.quant.timestep.timestep_aware)")
-    x = transform_input(p, x)
-    y = jnp.dot(x, p["kernel"].astype(x.dtype))
-    if p.get("lowrank_a") is not None:
-        y = y + jnp.dot(jnp.dot(x, p["lowrank_a"].astype(x.dtype)), p["lowrank_b"].astype(x.dtype))
-    if p.get("bias") is not None:
-        y = y + p["bias"].astype(x.dtype)
-    return y
-
-
-def transform_input(p: Mapping[str, Any], x: jax.Array) -> jax.Array:
-    """The online input transforms of a float layer dict, in order: ``x / smooth``
-    (``[C_in]``, from :mod:`jaxdq.quant.smooth`), then ``p["hadamard"](x)`` (a
-    :class:`jaxdq.quant.hadamard.Hadamard`).  The kernel already holds their inverses."""
-    if p.get("smooth") is not None:
-        x = x / p["smooth"].astype(x.dtype)
-    if p.get("hadamard") is not None:
-        x = p["hadamard"](x)
-    return x
+def linear(p: Any, x: jax.Array) -> jax.Array:
+    """``y = layer(x)`` for a linear layer's params (see module docstring);
+    ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``."""
+    return backend.linear(p, x)
 
 
 def _update_stats(mod: nn.Module, x: jax.Array) -> None:
@@ -118,7 +80,8 @@ class Linear(nn.Module):
     Attributes:
       features: C_out.
       use_bias: whether a float layer has a bias.
-      role: one of :data:`ROLES`; documentation for rules, not used in the math.
+      role: one of :data:`jaxdq.quant.rules.ROLES`; what rules select on (the models'
+        ``layer_roles`` list the same tags), not used in the math.
       kernel_init: initializer of the ``[C_in, C_out]`` kernel.
     """
 

@@ -1,0 +1,48 @@
+"""Pallas GPU kernels of quantized linear layers: one op per file, each with its jnp
+reference and its frozen tuning config beside it (``op(arrays..., config=Config())``, as
+the Hopper matmul examples that ship with jax take a ``TuningConfig``).
+
+Ops:
+
+* :mod:`pallas_kernels.quantize_act` (Pallas-Triton): ``quantize_act(x, *, bits, smooth,
+  had_block, l1, group_size, symmetric, config=QuantizeConfig())``: ``X' = H(X / smooth)``
+  → int8 codes, per-token / per-(token, group) scales (and zero points when asymmetric)
+  and ``X' L1`` in one kernel; ``quantize_config(m, k, *, dot, smooth, grouped)`` (the
+  H100-measured launch table); references ``quantize_act_reference``,
+  ``transform_input_reference``, ``block_hadamard_reference``.
+* :mod:`pallas_kernels.int_gemm` (Pallas-Triton): ``int_gemm(xq, wq, sx, sw, *, ...,
+  config=GemmConfig())``: int8 × int8 (int4 unpacked in registers) → int32 with the fused
+  epilogue (scales, zero-point correction, bias, low-rank ``XA @ L2``, gate, residual);
+  reference ``int_gemm_reference``.
+* :mod:`pallas_kernels.int_gemm_hopper` (Mosaic GPU, sm_90a): ``int8_gemm_ws(xq, wt, sx,
+  sw, *, ..., config=HopperGemmConfig())``: the warp-specialized persistent s8 wgmma GEMM
+  (int8 / ``jnp.int4`` K-major weights, per-channel or per-group scales, fused low rank);
+  ``pick_tile_n``, ``device_num_sms``, ``gpu_interpret_params``, ``smem_bytes``; its
+  reference is ``int_gemm_reference``.
+* :mod:`pallas_kernels._common`: ``sylvester_pm1``, ``pow2_divisor``,
+  ``triton_compiler_params``, ``unpack_int4_reference``, ``weight_colsum``.
+
+The kernels are jitted with their configs static (lowered once per shape and config).
+This package imports nothing from ``jaxdq`` (tests/test_import_graph.py); composing the
+kernels into a quantized layer is the library's job.  Measurements: ``NOTES.md``.
+"""
+from pallas_kernels._common import pow2_divisor, sylvester_pm1, unpack_int4_reference, weight_colsum
+from pallas_kernels.int_gemm import GemmConfig, int_gemm_reference
+from pallas_kernels.quantize_act import (QuantizeConfig, block_hadamard_reference, quantize_act_reference,
+                                         quantize_config, transform_input_reference)
+
+__all__ = [
+    "sylvester_pm1", "pow2_divisor", "unpack_int4_reference", "weight_colsum",
+    "QuantizeConfig", "quantize_config", "quantize_act_reference",
+    "transform_input_reference", "block_hadamard_reference",
+    "GemmConfig", "int_gemm_reference",
+]
+
+try:  # Mosaic GPU (jax.experimental.pallas.mosaic_gpu) is absent from some jax builds
+    from pallas_kernels.int_gemm_hopper import (HopperGemmConfig, device_num_sms, gpu_interpret_params,
+                                                int8_gemm_ws, pick_tile_n, smem_bytes)
+except ImportError:  # pragma: no cover
+    pass
+else:
+    __all__ += ["HopperGemmConfig", "int8_gemm_ws", "pick_tile_n", "device_num_sms", "gpu_interpret_params",
+                "smem_bytes"]

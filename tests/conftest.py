@@ -1,12 +1,7 @@
-import pytest
+"""Shared pytest configuration.
 
-
-@pytest.fixture(autouse=True)
-def _fresh_kernel_trace_cache():
-    """Tests swap the kernel functions (interpret mode) under ``ops._kernel_forward``, a
-    jitted function: drop its traces so no test reuses another test's kernels."""
-    from pallas_kernels import ops
-
-    ops._kernel_forward.clear_cache()
-    yield
-    ops._kernel_forward.clear_cache()
+(The autouse fixture that cleared ``pallas_kernels.ops._kernel_forward``'s jit cache is
+gone with ``ops.py``: the kernels now take their tuning, interpret mode included, as a
+frozen config that is a static jit argument, so a test that runs a kernel interpreted
+gets its own trace instead of swapping module functions under a shared jitted wrapper.)
+"""

@@ -26,31 +26,33 @@ def test_demo_writes_table_png_and_quantization_helps(demo_out):
     res = json.load(open(demo_out / "compare.json"))
     rows = {r["method"]: r for r in res["results"]}
     assert list(rows) == ["float", "w8a8", "w4a8", "naive"]
+    assert rows["w8a8"]["bits"] == "W8A8" and rows["naive"]["bits"] == "W8A8"
     fp = rows["float"]["weight_bytes"]
     # int8 linears + float first/last layers, embeddings and scales: between 3x and 4x smaller than fp32
     assert 3.0 < fp / rows["w8a8"]["weight_bytes"] < 4.0
     assert rows["w4a8"]["weight_bytes"] < rows["w8a8"]["weight_bytes"]
     # per-token dynamic W8A8 stays close to float; naive static per-tensor is worse
-    assert rows["w8a8"]["psnr_vs_float_db"] > 25.0
-    assert rows["w8a8"]["psnr_vs_float_db"] > rows["naive"]["psnr_vs_float_db"]
+    assert rows["w8a8"]["psnr_db"] > 25.0
+    assert rows["w8a8"]["psnr_db"] > rows["naive"]["psnr_db"]
     img = read_png(str(demo_out / "compare.png"))
-    assert img.ndim == 2 and img.shape[1] > 2 * img.shape[0]  # grey digits; four panels side by side
+    assert img.ndim == 2 and img.shape[0] > 4 * 32  # grey digits; a labelled row per method
     assert "| w8a8 |" in open(demo_out / "compare.md").read()
 
 
 def test_export_load_sample_without_float_weights(tmp_path, capsys):
     ckpt = tmp_path / "w8a8"
     assert main(["quantize", "--method", "w8a8", "--out", str(ckpt)]) == 0
-    from jaxdq.pipeline import load_model, make_sampler, noise_and_labels
-    from jaxdq.quant.recipes import quantize_method
+    from jaxdq.models.sources import load_model
+    from jaxdq.quantize import quantize_model
+    from jaxdq.sampling.families import Request
 
     loaded = load_model(str(ckpt))
-    assert loaded.metadata["method"] == "w8a8" and loaded.metadata["jaxdq_version"]
-    direct = quantize_method("w8a8", load_model("default").params)
-    x_T, y = noise_and_labels(loaded.config, [3], 2, 0)
-    run = make_sampler(loaded.config, num_steps=5)
-    a = run(loaded.params, x_T, y, jax.random.PRNGKey(0))
-    b = run(direct, x_T, y, jax.random.PRNGKey(0))
+    assert loaded.metadata["method"] == "dynamic-w8a8" and loaded.metadata["jaxdq_version"]
+    direct = quantize_model(load_model("default"), "w8a8").params
+    b = loaded.family.batch(loaded.config, Request(classes=(3,), per_class=2, seed=0))
+    run = loaded.family.sampler(loaded.config, num_steps=5)
+    a = run(loaded.params, b.x_T, b.cond, b.uncond, jax.random.PRNGKey(0))
+    b = run(direct, b.x_T, b.cond, b.uncond, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     png = tmp_path / "s.png"
     assert main(["sample", "--model", str(ckpt), "--out", str(png), "--classes", "3", "--per-class", "2",
@@ -58,14 +60,14 @@ def test_export_load_sample_without_float_weights(tmp_path, capsys):
     assert read_png(str(png)).shape[0] > 0
     assert main(["load", str(ckpt)]) == 0
     out = capsys.readouterr().out
-    assert '"method": "w8a8"' in out and "W8A8" in out
+    assert '"method": "dynamic-w8a8"' in out and "W8A8" in out
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["sample", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["sample", "--classes", "42"], "classes must be in [0, 10)"),
     (["demo", "--methods", "w3a3"], "unknown method"),
-    (["quantize", "--method", "bogus", "--out", "x"], "invalid choice"),
+    (["quantize", "--method", "bogus", "--out", "x"], "unknown method 'bogus'"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_give_one_line(argv, needle):
@@ -77,10 +79,11 @@ def test_bad_arguments_give_one_line(argv, needle):
 
 
 def test_quantized_metadata_names_bits_of_every_method():
-    from jaxdq.pipeline import load_model, quantize_model
-    from jaxdq.quant.recipes import METHODS, method_bits
+    from jaxdq.models.sources import load_model
+    from jaxdq.quant.recipes import get_recipe, method_names
+    from jaxdq.quantize import quantize_model
 
-    labels = {m: method_bits(m) for m in METHODS}
+    labels = {m: get_recipe(m).bits for m in method_names()}
     assert labels["naive"] == "W8A8" and labels["vidit-q-w4a8"] == "W4A8" and labels["vidit-q-mp"] == "W4/8A8"
     assert all(re.fullmatch(r"W[0-9/]+A\d+", v) for v in labels.values()), labels
     m = quantize_model(load_model("default"), "w4a16", progress=False)

@@ -214,7 +214,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(CheckpointError, match="unsupported checkpoint"):
         load_state_dict(tmp_path / "w.npz")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="without diffusion_pytorch_model"):
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint folder"):
         load_state_dict(tmp_path / "empty")
     torch.save({"epoch": 3}, tmp_path / "nothing.pt")
     with pytest.raises(CheckpointError, match="no state dict found"):

@@ -292,20 +292,19 @@ def test_unrecognized_layout_and_uninferable_rope_split():
 def test_weight_only_quantized_params_run_through_every_linear():
     """Every matmul goes through jaxdq.nn.linear: with all but the kept-float layers
     replaced by QLinear the model still runs, and its output moves by a quantization-sized amount."""
-    from jaxdq.models.flux import KEEP_FLOAT
-    from jaxdq.quant.recipes import weight_only
-    from jaxdq.quant.rules import is_float_linear, iter_linears
+    from jaxdq.quant.layers import FloatLinear, QLinear, iter_layers
+    from jaxdq.quant.recipes import Context, get_recipe
 
     cfg = FluxConfig(guidance_embeds=True, **SMALL)
     rng = np.random.default_rng(0)
     shapes = jax.eval_shape(lambda k: init_flux(cfg, k), jax.random.PRNGKey(0))
     params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32), shapes)
-    qparams = weight_only(params, bits=8, keep_float=KEEP_FLOAT)
+    qparams, _ = get_recipe("w8a16").build(params, Context(roles=layer_roles(cfg)))
     n_linear = len(layer_roles(cfg))
-    floats = sorted(path for path, layer in iter_linears(qparams) if is_float_linear(layer))
-    assert floats == ["proj_out", "x_embedder"]
-    assert "qlinear" in qparams["single_transformer_blocks_1"]["proj_out"]
-    assert len(list(iter_linears(params))) == n_linear
+    floats = sorted(path for path, layer in iter_layers(qparams) if isinstance(layer, FloatLinear))
+    assert floats == ["context_embedder", "proj_out", "x_embedder"]  # roles embedding / final stay float
+    assert isinstance(qparams["single_transformer_blocks_1"]["proj_out"], QLinear)
+    assert len(list(iter_layers(params))) == n_linear
     x = _inputs()
     img = pack_latents(jnp.asarray(x["lat"]))
     args = (img, x["txt"], x["pooled"], x["t"], image_ids(LAT_H, LAT_W), text_ids(TXT), x["g"])

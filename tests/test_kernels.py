@@ -1,9 +1,13 @@
 """Pallas kernels vs their pure-jnp references (CPU, interpret mode, small shapes).
 
-The Triton kernels run with ``interpret=True``; the Mosaic GPU wgmma kernel runs in
-jax's Mosaic GPU interpreter (simulated SMEM, TMA, barriers, wgmma) and is also traced
-to Mosaic GPU IR for the CUDA platform.
+The Triton kernels (:mod:`pallas_kernels.quantize_act`, :mod:`pallas_kernels.int_gemm`)
+run with ``config.interpret=True``; the Mosaic GPU wgmma kernel
+(:mod:`pallas_kernels.int_gemm_hopper`) runs in jax's Mosaic GPU interpreter (simulated
+SMEM, TMA, barriers, wgmma) and is also traced to Mosaic GPU IR for the CUDA platform.
+The references are also checked against jaxdq's own quantizer and Hadamard (tests may
+import jaxdq; the kernel package may not).
 """
+import dataclasses
 import math
 
 import jax
@@ -12,13 +16,16 @@ import numpy as np
 import pytest
 
 from jaxdq.quant.hadamard import block_hadamard as lead_block_hadamard
-from jaxdq.quant.qlinear import QLinear
-from jaxdq.quant.quantizer import QuantSpec, pack_int4, quantize_weight, unpack_int4
-from pallas_kernels import ops
-from pallas_kernels import reference as ref
-from pallas_kernels import triton_kernels as tk
+from jaxdq.quant.hadamard import hadamard_matrix as lead_hadamard_matrix
+from jaxdq.quant.quantizer import QuantSpec, pack_int4, quantize_activation, unpack_int4
+from pallas_kernels._common import sylvester_pm1, unpack_int4_reference
+from pallas_kernels.int_gemm import GemmConfig, int_gemm, int_gemm_reference
+from pallas_kernels.quantize_act import (QuantizeConfig, block_hadamard_reference, quantize_act,
+                                         quantize_act_reference, quantize_config, transform_input_reference)
 
 M, K, N, R = 32, 128, 64, 16
+#: the Triton GEMM's tiles in these tests, interpreted
+GEMM_CPU = GemmConfig(block_m=16, block_n=32, interpret=True)
 
 
 def _keys(seed, n):
@@ -32,21 +39,25 @@ def _f32(a):
 def test_block_hadamard_reference_matches_float64_and_lead():
     x = np.random.default_rng(0).standard_normal((3, 5, 96))
     for block in (1, 2, 32):
-        h = ref.hadamard_matrix(block)
+        h = sylvester_pm1(block) / math.sqrt(block)
         want = (x.reshape(3, 5, 96 // block, block) @ h).reshape(x.shape)
-        got = _f32(ref.block_hadamard(jnp.asarray(x, jnp.float32), block))
+        got = _f32(block_hadamard_reference(jnp.asarray(x, jnp.float32), block))
         assert np.abs(got - want).max() < 1e-5
         lead = _f32(lead_block_hadamard(jnp.asarray(x, jnp.float32), block))
         assert np.abs(got - lead).max() < 1e-5
-    h8 = ref.hadamard_matrix(8)
-    assert np.allclose(h8 @ h8.T, np.eye(8)) and set(np.unique(h8 * math.sqrt(8))) == {-1.0, 1.0}
+    h8 = sylvester_pm1(8) / math.sqrt(8)
+    assert np.allclose(h8 @ h8.T, np.eye(8)) and set(np.unique(sylvester_pm1(8))) == {-1.0, 1.0}
+    for n in (1, 2, 8, 64, 128):  # the library's normalized matrix, bit for bit
+        assert np.array_equal(sylvester_pm1(n) / math.sqrt(n), lead_hadamard_matrix(n))
+    with pytest.raises(ValueError, match="power of two"):
+        sylvester_pm1(12)
 
 
 def test_unpack_int4_reference_matches_quantizer():
     codes = jax.random.randint(jax.random.key(1), (16, 32), -8, 8).astype(jnp.int8)
     p = pack_int4(codes)
-    assert np.array_equal(np.asarray(ref.unpack_int4(p)), np.asarray(codes))
-    assert np.array_equal(np.asarray(ref.unpack_int4(p)), np.asarray(unpack_int4(p, signed=True)))
+    assert np.array_equal(np.asarray(unpack_int4_reference(p)), np.asarray(codes))
+    assert np.array_equal(np.asarray(unpack_int4_reference(p)), np.asarray(unpack_int4(p, signed=True)))
 
 
 @pytest.mark.parametrize("bits,had,single", [(8, 0, False), (8, 64, False), (4, 0, False), (8, 64, True)])
@@ -55,9 +66,9 @@ def test_quantize_kernel_vs_reference(bits, had, single):
     x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
     smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
     l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
-    q, s, xl1 = tk.quantize_act(x, bits=bits, smooth=smooth, had_block=had, l1=l1, single_pass=single,
-                                interpret=True)
-    q0, s0, xl10 = ref.quantize_act(x, bits=bits, smooth=smooth, had_block=had, l1=l1)
+    q, s, xl1 = quantize_act(x, bits=bits, smooth=smooth, had_block=had, l1=l1,
+                             config=QuantizeConfig(single_pass=single, interpret=True))
+    q0, s0, xl10 = quantize_act_reference(x, bits=bits, smooth=smooth, had_block=had, l1=l1)
     assert q.dtype == jnp.int8 and q.shape == (M, K) and s.shape == (M, 1) and xl1.shape == (M, R)
     d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
     qmax = 2 ** (bits - 1) - 1
@@ -77,16 +88,17 @@ def test_quantize_kernel_vs_reference(bits, had, single):
     (64, 128, False, True, False), (64, 5120, False, True, False),
     (64, 128, False, False, False), (64, 5120, False, False, False), (64, 128, True, True, True)])
 def test_quantize_config_choices_run_exactly(m, k, dot, smooth, grouped):
-    """Every launch configuration ``qlinear_apply`` picks gives the reference's codes."""
-    cfg = tk.quantize_config(m, k, dot=dot, smooth=smooth, grouped=grouped)
-    assert m % cfg["block_m"] == 0 and (not dot or cfg["block_m"] >= 16)
+    """Every launch configuration ``quantize_config`` picks gives the reference's codes."""
+    cfg = quantize_config(m, k, dot=dot, smooth=smooth, grouped=grouped)
+    assert isinstance(cfg, QuantizeConfig) and not cfg.interpret
+    assert m % cfg.block_m == 0 and (not dot or cfg.block_m >= 16)
     ks = _keys(m + k, 3)
     x = (jax.random.normal(ks[0], (m, k)) * jnp.linspace(0.1, 4.0, k)).astype(jnp.bfloat16)
     kw = dict(smooth=jax.random.uniform(ks[1], (k,), minval=0.5, maxval=2.0) if smooth else None,
               l1=jax.random.normal(ks[2], (k, R)) / math.sqrt(k) if dot else None,
               group_size=64 if grouped else 0, bits=4 if grouped else 8)
-    q, s, xl1 = tk.quantize_act(x, **kw, **cfg, interpret=True)
-    q0, s0, xl10 = ref.quantize_act(x, **kw)
+    q, s, xl1 = quantize_act(x, **kw, config=dataclasses.replace(cfg, interpret=True))
+    q0, s0, xl10 = quantize_act_reference(x, **kw)
     assert np.array_equal(np.asarray(q), np.asarray(q0)) and np.array_equal(np.asarray(s), np.asarray(s0))
     if dot:
         assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
@@ -99,8 +111,9 @@ def test_quantize_kernel_reciprocal_division_is_within_one_code(single):
     x = (jax.random.normal(ks[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
     smooth = jax.random.uniform(ks[1], (K,), minval=0.5, maxval=2.0)
     l1 = jax.random.normal(ks[2], (K, R)) / math.sqrt(K)
-    q, s, xl1 = tk.quantize_act(x, smooth=smooth, l1=l1, single_pass=single, exact_divide=False, interpret=True)
-    q0, s0, xl10 = ref.quantize_act(x, smooth=smooth, l1=l1)
+    q, s, xl1 = quantize_act(x, smooth=smooth, l1=l1,
+                             config=QuantizeConfig(single_pass=single, exact_divide=False, interpret=True))
+    q0, s0, xl10 = quantize_act_reference(x, smooth=smooth, l1=l1)
     d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
     assert d.max() <= 1 and (d > 0).mean() < 1e-2
     # x · (1/s) is within an ulp of x / s: the row maxima, hence the scales, agree to ~1e-7
@@ -108,8 +121,39 @@ def test_quantize_kernel_reciprocal_division_is_within_one_code(single):
     assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
 
 
+def test_configs_are_frozen_and_keep_the_old_keyword_defaults():
+    """The configs replace the kernels' former keyword arguments, with the same defaults."""
+    assert QuantizeConfig() == QuantizeConfig(block_m=16, num_warps=4, num_stages=1, single_pass=False,
+                                              exact_divide=True, interpret=False)
+    assert GemmConfig() == GemmConfig(block_m=128, block_n=128, block_k=None, num_warps=8, num_stages=3,
+                                      interpret=False)
+    for cfg in (QuantizeConfig(), GemmConfig()):
+        hash(cfg)  # static jit arguments
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            cfg.interpret = True
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
+    assert mk.HopperGemmConfig() == mk.HopperGemmConfig(
+        tile_m=128, tile_n=None, tile_k=None, max_concurrent_steps=4, epi_tile_n=64, epi_tile_m=64,
+        grid_tile_width=8, wg_dim="auto", num_sms=None, lr_in_acc=False, interpret=None)
+    params = mk.gpu_interpret_params()
+    hash(mk.HopperGemmConfig(interpret=params))
+
+
+@pytest.mark.parametrize("m,k,dot,smooth,grouped,want", [  # the table as it was (keyword dicts)
+    (64, 128, True, True, True, dict(block_m=32, num_warps=4, num_stages=3)),
+    (64, 5120, True, True, False, dict(block_m=16, num_warps=4, num_stages=1)),
+    (1024, 1152, True, False, False, dict(block_m=16, num_warps=8, single_pass=True)),
+    (8192, 1152, True, True, False, dict(block_m=64, num_warps=8, num_stages=3)),
+    (512, 1152, False, True, False, dict(block_m=4, num_warps=8, single_pass=True)),
+    (512, 3072, False, True, False, dict(block_m=4, num_warps=4, num_stages=3)),
+    (512, 4608, False, False, False, dict(block_m=4, num_warps=4, single_pass=True)),
+    (512, 12288, False, False, False, dict(block_m=8, num_warps=4, num_stages=3))])
+def test_quantize_config_table_is_unchanged(m, k, dot, smooth, grouped, want):
+    assert quantize_config(m, k, dot=dot, smooth=smooth, grouped=grouped) == QuantizeConfig(**want)
+
+
 def test_pick_tile_n_follows_the_h100_measurements():
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     # (M, N) → the faster tile_n measured on an H100 (bench/results/kernels_h100_run3.json)
     measured = {(512, 3456): 64, (512, 1152): 64, (640, 2304): 64, (512, 4608): 128, (8192, 4608): 128,
                 (8192, 3456): 128, (4608, 9216): 128, (4608, 12288): 128, (4608, 3072): 128}
@@ -121,28 +165,52 @@ def test_pick_tile_n_follows_the_h100_measurements():
 @pytest.mark.parametrize("bits,single", [(8, False), (8, True), (4, False)])
 def test_quantize_kernel_asymmetric_matches_the_library_quantizer(bits, single):
     """Asymmetric per-token codes: the kernel = the reference = jaxdq's quantizer, shifted."""
-    from jaxdq.quant.quantizer import quantize_activation
-
     k = _keys(80 + bits, 3)
     # mostly-positive rows (post-GELU-like) and a row of zeros: asymmetric ranges
     x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K) + 1.5).astype(jnp.bfloat16)
     x = x.at[3].set(0)
     smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
     l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
-    q, s, xl1, z = tk.quantize_act(x, bits=bits, smooth=smooth, l1=l1, symmetric=False, single_pass=single,
-                                   block_m=16, interpret=True)
-    q0, s0, xl10, z0 = ref.quantize_act(x, bits=bits, smooth=smooth, l1=l1, symmetric=False)
+    q, s, xl1, z = quantize_act(x, bits=bits, smooth=smooth, l1=l1, symmetric=False,
+                                config=QuantizeConfig(block_m=16, single_pass=single, interpret=True))
+    q0, s0, xl10, z0 = quantize_act_reference(x, bits=bits, smooth=smooth, l1=l1, symmetric=False)
     assert np.array_equal(np.asarray(q), np.asarray(q0)) and np.array_equal(np.asarray(s), np.asarray(s0))
     assert np.array_equal(np.asarray(z), np.asarray(z0)) and z.shape == (M, 1)
     half = 2 ** (bits - 1)
     assert np.asarray(q).min() >= -half and np.asarray(q).max() <= half - 1
-    lib_q, lib_s, lib_z = quantize_activation(ref.transform_input(x, smooth),
+    lib_q, lib_s, lib_z = quantize_activation(transform_input_reference(x, smooth),
                                               QuantSpec(bits, symmetric=False, granularity="token"))
     assert np.array_equal(np.asarray(q0, np.int32) + half, np.asarray(lib_q, np.int32))
     assert np.array_equal(np.asarray(s0), np.asarray(lib_s)) and np.array_equal(np.asarray(z0) + half, np.asarray(lib_z))
     assert np.abs(_f32(xl1) - _f32(xl10)).max() / np.abs(_f32(xl10)).max() < 1.5e-2
     with pytest.raises(ValueError, match="per token"):
-        tk.quantize_act(x, symmetric=False, group_size=64, interpret=True)
+        quantize_act(x, symmetric=False, group_size=64, config=QuantizeConfig(interpret=True))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_quantize_act_reference_equals_the_library_quantizer(bits):
+    """The kernel package's reference writes the quantizer's formulas inline (it may not import
+    jaxdq): asymmetric per token (codes and zero points shifted by 2^(b-1)), symmetric per
+    token and per (token, group), equal to ``jaxdq.quant.quantizer.quantize_activation``."""
+    k = _keys(120 + bits, 2)
+    x = jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K)
+    x = x.at[0].set(jnp.abs(x[0]) + 0.5).at[1].set(-jnp.abs(x[1]) - 0.5).at[2].set(0.0)  # > 0, < 0, zeros
+    x = x.at[3].set(jnp.round(x[3] * 4) / 4)  # exact ties for the rounding
+    smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
+    xt = transform_input_reference(x, smooth)
+    half = 2 ** (bits - 1)
+    q0, s0, _, z0 = quantize_act_reference(x, bits=bits, smooth=smooth, symmetric=False)
+    lib_q, lib_s, lib_z = quantize_activation(xt, QuantSpec(bits, symmetric=False, granularity="token"))
+    assert q0.dtype == jnp.int8 and s0.shape == z0.shape == (M, 1)
+    assert np.array_equal(np.asarray(q0, np.int32) + half, np.asarray(lib_q, np.int32))
+    assert np.array_equal(np.asarray(s0), np.asarray(lib_s)) and np.array_equal(np.asarray(z0) + half, np.asarray(lib_z))
+    for group in (0, 64):
+        spec = (QuantSpec(bits, granularity="group", group_size=group) if group
+                else QuantSpec(bits, granularity="token"))
+        q1, s1, _ = quantize_act_reference(x, bits=bits, smooth=smooth, group_size=group)
+        lib_q, lib_s, lib_z = quantize_activation(xt, spec)
+        assert lib_z is None and np.array_equal(np.asarray(q1), np.asarray(lib_q))
+        assert np.array_equal(np.asarray(s1), np.asarray(lib_s))
 
 
 @pytest.mark.parametrize("packed,kmajor", [(False, False), (True, True)])
@@ -150,18 +218,19 @@ def test_int_gemm_zero_point_correction(packed, kmajor):
     """``(xq - z) @ W`` through ``xq @ W - z ⊗ colsum(W)`` vs a float64 product."""
     xq, wq, sx, sw, bias, _, _, _, _ = _gemm_inputs(85, packed=packed)
     z = jnp.round(jax.random.uniform(jax.random.key(86), (M, 1), minval=-128, maxval=127))
-    w = np.asarray(ref.unpack_int4(wq) if packed else wq, np.float64)
+    w = np.asarray(unpack_int4_reference(wq) if packed else wq, np.float64)
     want64 = ((np.asarray(xq, np.float64) - _f32(z)) @ w) * _f32(sx) * _f32(sw) + _f32(bias)
-    want = ref.int_gemm(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z, out_dtype=jnp.float32)
+    want = int_gemm_reference(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z, out_dtype=jnp.float32)
     np.testing.assert_allclose(_f32(want), want64, rtol=1e-5, atol=1e-5 * np.abs(want64).max())
     wk = wq
     if kmajor:
-        wk = pack_int4(ref.unpack_int4(wq).T) if packed else wq.T
-    got = tk.int_gemm(xq, wk, sx, sw, bias=bias, x_zero=z, packed=packed, w_kmajor=kmajor,
-                      block_m=16, block_n=32, interpret=True)
-    _close_bf16(got, ref.int_gemm(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z))
+        wk = pack_int4(unpack_int4_reference(wq).T) if packed else wq.T
+    got = int_gemm(xq, wk, sx, sw, bias=bias, x_zero=z, packed=packed, w_kmajor=kmajor, config=GEMM_CPU)
+    _close_bf16(got, int_gemm_reference(xq, wq, sx, sw, bias=bias, packed=packed, x_zero=z))
+    # the reference reads the K-major layout too
+    _close_bf16(got, int_gemm_reference(xq, wk, sx, sw, bias=bias, packed=packed, w_kmajor=kmajor, x_zero=z))
     with pytest.raises(ValueError, match="one scale group"):
-        ref.int_gemm(xq, wq, jnp.ones((M, 2)), sw, packed=packed, x_zero=z)
+        int_gemm_reference(xq, wq, jnp.ones((M, 2)), sw, packed=packed, x_zero=z)
 
 
 def _gemm_inputs(seed, packed=False, group=None):
@@ -194,8 +263,8 @@ def _close_bf16(got, want):
 def test_int8_gemm_kernel_vs_reference(epi):
     xq, wq, sx, sw, bias, xa, l2, gate, res = _gemm_inputs(10)
     kw = dict(bias=bias, xa=xa, l2=l2, gate=gate, residual=res) if epi == "full" else {}
-    got = tk.int_gemm(xq, wq, sx, sw, block_m=16, block_n=32, interpret=True, **kw)
-    want = ref.int_gemm(xq, wq, sx, sw, **kw)
+    got = int_gemm(xq, wq, sx, sw, config=GEMM_CPU, **kw)
+    want = int_gemm_reference(xq, wq, sx, sw, **kw)
     assert got.dtype == jnp.bfloat16
     _close_bf16(got, want)
     # the integer part is exact: compare with a float64 NumPy product
@@ -209,15 +278,14 @@ def test_int8_gemm_kernel_vs_reference(epi):
 def test_w4_packed_gemm_kernel_vs_reference(group):
     xq, wq, sx, sw, bias, xa, l2, _, _ = _gemm_inputs(20 + (group or 0), packed=True, group=group)
     xq = jnp.clip(xq, -8, 7)  # W4A4: 4-bit activation codes carried in int8
-    got = tk.int_gemm(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True, block_m=16, block_n=32,
-                      interpret=True)
-    want = ref.int_gemm(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True)
+    got = int_gemm(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True, config=GEMM_CPU)
+    want = int_gemm_reference(xq, wq, sx, sw, bias=bias, xa=xa, l2=l2, packed=True)
     _close_bf16(got, want)
 
 
 def test_mosaic_ws_variants_lower_for_cuda():
     """int4 weights, per-group scales and the fused low-rank branch trace to Mosaic GPU IR."""
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     S = jax.ShapeDtypeStruct
     m, k, n = 256, 512, 512
     f32, bf = jnp.float32, jnp.bfloat16
@@ -228,9 +296,10 @@ def test_mosaic_ws_variants_lower_for_cuda():
     for wdt, sxs, sws, lr in cases:
         def f(x, w, sx, sw, b, xa, l2):
             return mk.int8_gemm_ws(x, w, sx, sw, bias=b, xa=xa if lr in (1, 2) else None,
-                                   l2=l2 if lr in (1, 2) else None, lr_in_acc=lr == 2,
+                                   l2=l2 if lr in (1, 2) else None,
                                    x_zero=sx if lr == 3 else None, gate=b.reshape(1, n) if lr == 4 else None,
-                                   residual=xa @ l2 if lr == 4 else None)
+                                   residual=xa @ l2 if lr == 4 else None,
+                                   config=mk.HopperGemmConfig(lr_in_acc=lr == 2))
         txt = jax.jit(f).trace(S((m, k), jnp.int8), S((n, k), wdt), S(sxs, f32), S(sws, f32), S((n,), f32),
                                S((m, 32), bf), S((32, n), bf)).lower(lowering_platforms=("cuda",)).as_text()
         assert "mosaic_gpu" in txt
@@ -255,7 +324,7 @@ WS_CASES = {
 
 @pytest.mark.parametrize("case", list(WS_CASES))
 def test_mosaic_ws_gemm_in_gpu_interpreter_vs_reference(case):
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     params = mk.gpu_interpret_params()
     if params is None:
         pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -272,8 +341,8 @@ def test_mosaic_ws_gemm_in_gpu_interpreter_vs_reference(case):
     l2 = (jax.random.normal(ks[6], (32, n)) * 0.3).astype(jnp.bfloat16) if lr else None
     wt = w.T.astype(jnp.int4) if wbits == 4 else w.T  # K-major, int4 packed two per byte
     got = mk.int8_gemm_ws(xq, wt, sx if group else sx[:, 0], sw if group else sw[0], bias=bias, xa=xa, l2=l2,
-                          num_sms=2, interpret=params)
-    want = ref.int_gemm(xq, w, sx, sw, bias=bias, xa=xa, l2=l2)
+                          config=mk.HopperGemmConfig(num_sms=2, interpret=params))
+    want = mk.int_gemm_reference(xq, w, sx, sw, bias=bias, xa=xa, l2=l2)
     assert got.shape == (m, n) and got.dtype == jnp.bfloat16
     _close_bf16(got, want)
     if not (lr or has_bias):  # the integer part against a float64 NumPy product
@@ -285,7 +354,7 @@ def test_mosaic_ws_gemm_in_gpu_interpreter_vs_reference(case):
 @pytest.mark.parametrize("w4", [False, True])
 def test_mosaic_ws_zero_point_in_gpu_interpreter(w4):
     """Asymmetric activations on the Hopper kernel: the epilogue's ``- z ⊗ colsum(W)``."""
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     params = mk.gpu_interpret_params()
     if params is None:
         pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -298,8 +367,9 @@ def test_mosaic_ws_zero_point_in_gpu_interpreter(w4):
     sw = jax.random.uniform(ks[3], (1, n), minval=1e-3, maxval=2e-2)
     z = jnp.round(jax.random.uniform(ks[4], (m, 1), minval=-128, maxval=127))
     wt = w.T.astype(jnp.int4) if w4 else w.T
-    got = mk.int8_gemm_ws(xq, wt, sx[:, 0], sw[0], x_zero=z[:, 0], num_sms=2, interpret=params)
-    _close_bf16(got, ref.int_gemm(xq, w, sx, sw, x_zero=z))
+    got = mk.int8_gemm_ws(xq, wt, sx[:, 0], sw[0], x_zero=z[:, 0],
+                          config=mk.HopperGemmConfig(num_sms=2, interpret=params))
+    _close_bf16(got, mk.int_gemm_reference(xq, w, sx, sw, x_zero=z))
     want64 = ((np.asarray(xq, np.float64) - _f32(z)) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw)
     assert np.abs(_f32(got) - want64).max() <= 2 ** -7 * np.abs(want64).max()
 
@@ -309,7 +379,7 @@ def test_mosaic_ws_zero_point_in_gpu_interpreter(w4):
 @pytest.mark.parametrize("m,n", [(256, 256), (512, 128)])
 def test_mosaic_ws_gate_residual_in_gpu_interpreter(m, n):
     """DiT's ``x + gate · proj(h)`` in the Hopper epilogue (n=128: warpgroups split M, CTA 256 rows)."""
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     params = mk.gpu_interpret_params()
     if params is None:
         pytest.skip("this jax has no Mosaic GPU interpreter")
@@ -322,14 +392,15 @@ def test_mosaic_ws_gate_residual_in_gpu_interpreter(m, n):
     bias = jax.random.normal(ks[4], (n,))
     gate = jax.random.normal(ks[5], (2, n)).astype(jnp.bfloat16)  # two samples of m/2 tokens
     res = jax.random.normal(ks[6], (m, n)).astype(jnp.bfloat16)
-    got = mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], bias=bias, gate=gate, residual=res, num_sms=2,
-                          interpret=params)
-    _close_bf16(got, ref.int_gemm(xq, w, sx, sw, bias=bias, gate=gate, residual=res))
+    got = mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], bias=bias, gate=gate, residual=res,
+                          config=mk.HopperGemmConfig(num_sms=2, interpret=params))
+    _close_bf16(got, mk.int_gemm_reference(xq, w, sx, sw, bias=bias, gate=gate, residual=res))
     y64 = (np.asarray(xq, np.float64) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw) + _f32(bias)
     want64 = _f32(res) + np.repeat(_f32(gate), m // 2, axis=0) * y64
     assert np.abs(_f32(got) - want64).max() <= 2 ** -6 * np.abs(want64).max()
     with pytest.raises(ValueError, match="whole CTA tiles"):  # a tile would span two samples
-        mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], gate=jnp.ones((4 if m == 256 else 8, n)), interpret=params)
+        mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], gate=jnp.ones((4 if m == 256 else 8, n)),
+                        config=mk.HopperGemmConfig(interpret=params))
 
 
 @pytest.mark.parametrize("had", [0, 64])
@@ -338,11 +409,12 @@ def test_quantize_kernel_per_group_scales(had):
     x = (jax.random.normal(k[0], (M, K)) * jnp.linspace(0.1, 4.0, K)).astype(jnp.bfloat16)
     smooth = jax.random.uniform(k[1], (K,), minval=0.5, maxval=2.0)
     l1 = jax.random.normal(k[2], (K, R)) / math.sqrt(K)
-    q, s, xl1 = tk.quantize_act(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64, interpret=True)
-    q0, s0, xl10 = ref.quantize_act(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64)
+    q, s, xl1 = quantize_act(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64,
+                             config=QuantizeConfig(interpret=True))
+    q0, s0, xl10 = quantize_act_reference(x, bits=4, smooth=smooth, had_block=had, l1=l1, group_size=64)
     assert s.shape == s0.shape == (M, K // 64)
     # the reference's per-group scale is each group's absmax / 7 (float64 check)
-    xt = _f32(ref.transform_input(x, smooth, had))
+    xt = _f32(transform_input_reference(x, smooth, had))
     np.testing.assert_allclose(_f32(s0), np.abs(xt.reshape(M, K // 64, 64)).max(-1) / 7, rtol=1e-6)
     d = np.abs(np.asarray(q, np.int32) - np.asarray(q0, np.int32))
     assert np.asarray(q).min() >= -8 and np.asarray(q).max() <= 7
@@ -364,138 +436,18 @@ def test_gemm_per_token_group_scales_and_kmajor(kmajor, packed):
     w = jax.random.randint(k[1], (K, N), -8, 8).astype(jnp.int8)
     sx = jax.random.uniform(k[2], (M, K // 64), minval=1e-3, maxval=2e-2)
     sw = jax.random.uniform(k[3], (K // 64, N), minval=1e-3, maxval=2e-2)
-    want = ref.int_gemm(xq, w, sx, sw, out_dtype=jnp.float32)
+    want = int_gemm_reference(xq, w, sx, sw, out_dtype=jnp.float32)
     xf = (np.asarray(xq, np.float64).reshape(M, K // 64, 64) * _f32(sx)[..., None]).reshape(M, K)
     wf = (np.asarray(w, np.float64).reshape(K // 64, 64, N) * _f32(sw)[:, None, :]).reshape(K, N)
     np.testing.assert_allclose(_f32(want), xf @ wf, rtol=1e-5, atol=1e-6)
     wq = w.T if kmajor else w
     wq = pack_int4(wq) if packed else wq
-    got = tk.int_gemm(xq, wq, sx, sw, packed=packed, w_kmajor=kmajor, block_m=16, block_n=32, interpret=True)
+    got = int_gemm(xq, wq, sx, sw, packed=packed, w_kmajor=kmajor, config=GEMM_CPU)
     _close_bf16(got, want)
 
 
-def _qlinear(seed, *, w_spec, bits=8, packed=False, had=0, lowrank=True, bias=True, smooth=True, act_group=0,
-             act_symmetric=True):
-    k = _keys(seed, 6)
-    w = jax.random.normal(k[0], (K, N)) / math.sqrt(K)
-    codes, s, _ = quantize_weight(w, w_spec)
-    qw = pack_int4(codes) if packed else codes
-    return QLinear(
-        qweight=qw, w_scale=s, bias=jax.random.normal(k[1], (N,)) * 0.1 if bias else None,
-        smooth=jax.random.uniform(k[2], (K,), minval=0.5, maxval=2.0) if smooth else None,
-        lowrank_a=jax.random.normal(k[3], (K, R)) / math.sqrt(K) if lowrank else None,
-        lowrank_b=jax.random.normal(k[4], (R, N)) * 0.1 if lowrank else None,
-        w_spec=w_spec, packed=packed, impl="int",
-        act_spec=QuantSpec(bits=bits, granularity="group", group_size=act_group) if act_group
-        else QuantSpec(bits=bits, granularity="token", symmetric=act_symmetric),
-        had_block=had)
-
-
-@pytest.mark.parametrize("case", ["w8a8", "w8a8_had", "w4a8_group", "w4a4_channel", "w4a4_group_nk",
-                                  "w8a8_nk", "w8a8_asym", "w4a8_asym_nk"])
-def test_kernel_pipeline_matches_qlinear(monkeypatch, case):
-    """The kernel composition qlinear_apply runs on a GPU, forced onto the interpret path."""
-    g64 = QuantSpec(4, granularity="group", group_size=64)
-    cfg = {"w8a8": dict(w_spec=QuantSpec(8, granularity="channel")),
-           "w8a8_had": dict(w_spec=QuantSpec(8, granularity="channel"), had=32),
-           "w4a8_group": dict(w_spec=g64, packed=True),
-           "w4a4_channel": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True, bits=4),
-           "w4a4_group_nk": dict(w_spec=g64, packed=True, bits=4, act_group=64),  # SVDQuant's W4A4
-           "w8a8_nk": dict(w_spec=QuantSpec(8, granularity="channel")),
-           # asymmetric per-token activations: shifted codes + zero-point correction
-           "w8a8_asym": dict(w_spec=QuantSpec(8, granularity="channel"), act_symmetric=False),
-           "w4a8_asym_nk": dict(w_spec=QuantSpec(4, granularity="channel"), packed=True,
-                                act_symmetric=False)}[case]
-    q = _qlinear(30, **cfg)
-    if case.endswith("_nk"):
-        q = q.to_layout("nk")
-    x = jax.random.normal(jax.random.key(31), (2, 16, K)).astype(jnp.bfloat16)
-    want = q.replace(impl="fake")(x.astype(jnp.float32))
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "GEMM_BACKEND", "triton")
-    orig_q, orig_g = tk.quantize_act, tk.int_gemm
-    monkeypatch.setattr(tk, "quantize_act", lambda *a, **kw: orig_q(*a, **{**kw, "interpret": True}))
-    monkeypatch.setattr(tk, "int_gemm", lambda *a, **kw: orig_g(*a, **{**kw, "interpret": True, "block_n": 32}))
-    # K=128 fails kernel_supported's K % 128 only if changed; N=64 < 128: relax for the test
-    monkeypatch.setattr(ops, "kernel_supported", lambda q_: True)
-    got = ops.qlinear_apply(q, x)
-    assert got.shape == (2, 16, N) and got.dtype == jnp.bfloat16
-    g, w_ = _f32(got), _f32(want)
-    rel = np.linalg.norm(g - w_) / np.linalg.norm(w_)
-    # differences: bf16 output rounding and the bf16 low-rank branch; rare ±1 code flips with Hadamard
-    assert rel < (2e-2 if cfg.get("had") else 1e-2), rel
-
-
-@pytest.mark.parametrize("rows,route,case", [(2, "xla", "w8_nk"), (2, "xla", "w8_kn"), (2, "xla", "w4_nk"),
-                                             (2, "xla", "w4_kn"), (64, "xla", "w8_nk"), (65, "kernels", "w4_nk"),
-                                             (96, "kernels", "w8_nk")])
-def test_qlinear_apply_small_m_takes_the_xla_integer_path(monkeypatch, rows, route, case):
-    """GEMV-like calls (≤ SMALL_M_XLA rows) run the layer's int path (4-bit codes read as
-    jnp.int4 in either layout) without the kernels; larger ones the kernels."""
-    w4 = case.startswith("w4")
-    q = _qlinear(45, w_spec=QuantSpec(4 if w4 else 8, granularity="channel"), packed=w4)
-    q = q.to_layout(case[-2:])
-    x = jax.random.normal(jax.random.key(46), (rows, K)).astype(jnp.bfloat16)
-    calls = []
-    monkeypatch.setattr(ops, "on_gpu", lambda: True)
-    monkeypatch.setattr(ops, "GEMM_BACKEND", "triton")
-    monkeypatch.setattr(ops, "kernel_supported", lambda q_: True)
-    orig_q, orig_g = tk.quantize_act, tk.int_gemm
-    monkeypatch.setattr(tk, "quantize_act", lambda *a, **kw: calls.append("q") or orig_q(*a, **{**kw, "interpret": True}))
-    monkeypatch.setattr(tk, "int_gemm",
-                        lambda *a, **kw: calls.append("g") or orig_g(*a, **{**kw, "interpret": True, "block_n": 32}))
-    assert ops.SMALL_M_XLA == 64
-    got = ops.qlinear_apply(q, x)
-    assert got.shape == (rows, N) and got.dtype == jnp.bfloat16
-    if route == "xla":
-        assert calls == []
-        # the integer path in float64 NumPy, from the unpacked [K, N] codes (weight_codes())
-        from jaxdq.quant.quantizer import quantize_activation
-
-        xt = q.transform_input(x.astype(jnp.float32))
-        codes, s_x, _ = quantize_activation(xt, q.act_spec)
-        y64 = (np.asarray(codes, np.int64) @ np.asarray(q.weight_codes(), np.int64)) * _f32(s_x) \
-            * _f32(q.w_scale).reshape(-1)
-        y64 = y64 + _f32(xt) @ _f32(q.lowrank_a) @ _f32(q.lowrank_b) + _f32(q.bias)
-        assert np.all(np.abs(_f32(got) - y64) <= 2 ** -8 * np.abs(y64) + 1e-5 * np.abs(y64).max())
-    else:
-        assert calls == ["q", "g"]
-        want = q.replace(impl="fake")(x.astype(jnp.float32))
-        rel = np.linalg.norm(_f32(got) - _f32(want)) / np.linalg.norm(_f32(want))
-        assert rel < 1e-2, rel
-    monkeypatch.setattr(ops, "SMALL_M_XLA", 0)  # off: every size through the kernels
-    ops._kernel_forward.clear_cache()
-    calls.clear()
-    ops.qlinear_apply(q, x)
-    assert calls == ["q", "g"]
-
-
-def test_qlinear_apply_off_gpu_is_the_reference():
-    q = _qlinear(40, w_spec=QuantSpec(8, granularity="channel"))
-    x = jax.random.normal(jax.random.key(41), (4, K))
-    got = jax.jit(ops.qlinear_apply)(q, x)
-    want = jax.jit(lambda q_, x_: q_.replace(impl="int")(x_))(q, x)
-    assert not ops.on_gpu()
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
-
-
-def test_kernel_supported_rules():
-    q = _qlinear(50, w_spec=QuantSpec(8, granularity="channel"))
-    assert not ops.kernel_supported(q)  # N = 64 is not a multiple of 128
-    q2 = q.replace(qweight=jnp.zeros((K, 128), jnp.int8), w_scale=jnp.ones((1, 128)),
-                   bias=None, lowrank_b=None, lowrank_a=None)
-    assert ops.kernel_supported(q2)
-    # asymmetric per-token activations: zero-point correction in the GEMM epilogue
-    assert ops.kernel_supported(q2.replace(act_spec=QuantSpec(8, symmetric=False, granularity="token")))
-    assert not ops.kernel_supported(q2.replace(
-        act_spec=QuantSpec(8, symmetric=False, granularity="group", group_size=64)))
-    assert not ops.kernel_supported(q2.replace(w_scale=jnp.ones((2, 128)), w_spec=QuantSpec(
-        8, granularity="group", group_size=64), act_spec=QuantSpec(8, symmetric=False, granularity="token")))
-    assert not ops.kernel_supported(q2.replace(act_spec=None))
-
-
 def test_mosaic_ws_gemm_lowers_for_cuda():
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     S = jax.ShapeDtypeStruct
     for n in (512, 384):  # warpgroups split along N, and along M when N % 256 != 0
         f = lambda x, w, sx, sw, b: mk.int8_gemm_ws(x, w, sx, sw, bias=b)
@@ -505,46 +457,11 @@ def test_mosaic_ws_gemm_lowers_for_cuda():
         assert "mosaic_gpu" in txt
 
 
-def test_kernel_supported_group_rules():
-    g64 = QuantSpec(4, granularity="group", group_size=64)
-    q = QLinear(qweight=jnp.zeros((256, 128), jnp.uint8), w_scale=jnp.ones((4, 256)), w_spec=g64,
-                act_spec=QuantSpec(4, granularity="group", group_size=64), packed=True, w_layout="nk")
-    assert (q.in_features, q.out_features) == (256, 256) and ops.kernel_supported(q)
-    assert not ops.kernel_supported(q.replace(act_spec=QuantSpec(4, granularity="group", group_size=128)))
-    assert not ops.kernel_supported(q.replace(had_block=32))  # Hadamard block must equal the act group
-    assert ops.kernel_supported(q.replace(had_block=64))
-
-
-def test_use_kernels_keeps_outputs_and_checkpoint(tmp_path):
-    """use_kernels: impl='kernel' + K-major codes; same outputs; saved and reloaded as such."""
-    from jaxdq import checkpoint
-    from jaxdq.quant.rules import LayerQuant, quantize_linear, use_kernels
-
-    w = jax.random.normal(jax.random.key(80), (128, 256)) / 12
-    x = jax.random.normal(jax.random.key(81), (8, 128))
-    g64 = QuantSpec(4, granularity="group", group_size=64)
-    for cfg in (LayerQuant(weight=QuantSpec(8, granularity="channel"), act=QuantSpec(8, granularity="token")),
-                LayerQuant(weight=g64, act=QuantSpec(4, granularity="group", group_size=64), pack=True)):
-        q = quantize_linear({"kernel": w}, cfg)
-        p = use_kernels({"blk": {"fc": {"qlinear": q}}})
-        qk = p["blk"]["fc"]["qlinear"]
-        assert qk.impl == "kernel" and qk.w_layout == "nk"
-        assert qk.qweight.shape == ((256, 64) if cfg.pack else (256, 128))
-        assert np.array_equal(np.asarray(qk.weight_codes()), np.asarray(q.weight_codes()))
-        assert np.array_equal(np.asarray(qk.to_layout("kn").qweight), np.asarray(q.qweight))
-        np.testing.assert_allclose(np.asarray(qk(x)), np.asarray(q(x)), rtol=1e-5, atol=1e-5)
-        path = checkpoint.save(tmp_path / f"c{int(cfg.pack)}", p, metadata={"method": "t"})
-        back, _ = checkpoint.load(path)
-        qb = back["blk"]["fc"]["qlinear"]
-        assert qb.w_layout == "nk" and qb.impl == "kernel"
-        assert np.array_equal(np.asarray(qb.qweight), np.asarray(qk.qweight))
-
-
 def test_mosaic_ws_smem_budget_fits_int4_with_m_split():
     """H100, jax 0.11.2: int4 weights with warpgroups split along M (N % 256 != 0) asked for
     262208 B of SMEM > 232448 B (bench/results/e2e_h100.json diag rows); the pipeline is now
     shortened until it fits.  The byte count reproduces the GPU's figure (less 64 B of barriers)."""
-    mk = pytest.importorskip("pallas_kernels.mosaic_kernels", reason="no Pallas Mosaic GPU in this jax")
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
     cfg = dict(cta_m=256, cta_n=128, tile_m=128, tile_n=128, tile_k=128, w4=True, grouped=False, rank=0,
                out_slots=2 * 64 * 64, out_bytes=2)
     assert mk.smem_bytes(4, **cfg) == 262208 - 64

@@ -182,7 +182,7 @@ def test_param_tree_and_roles():
                        shapes)
     assert seen == layer_roles(cfg) and set(seen.values()) <= set(ROLES)
     assert seen["temporal_blocks_1/attn1/qkv"] == "temporal-attn" and seen["blocks_1/attn1/qkv"] == "self-attn"
-    assert seen["blocks_0/attn2/kv"] == "cross-attn"
+    assert seen["blocks_0/attn2/kv"] == "cross-attn:kv" and seen["blocks_0/attn2/q"] == "cross-attn"
     kernels = {"/".join(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
                if path[-1].key == "kernel"}
     assert kernels == set(seen)

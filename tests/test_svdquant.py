@@ -1,17 +1,19 @@
 """Defining properties of SVDQuant: exact SVD split, low-rank branch vs outliers, rank 0,
 refinement, α search, and the recipe on the default DiT."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdq.calibrate import pool_stats
 from jaxdq.nn import linear
-from jaxdq.quant.lowrank import lowrank_layer, svd_split, weight_error
+from jaxdq.quant.layers import FloatLinear, QLinear, get_path, iter_layers, weight_bytes
+from jaxdq.quant.lowrank import svd_split, weight_error
 from jaxdq.quant.quantizer import QuantSpec
-from jaxdq.quant.rules import is_quantized_linear, iter_linears, quantize_linear, quantize_params
-from jaxdq.quant.smooth import smooth_layer, smoothing_factors
-from jaxdq.quant.svdquant import (fit_config, output_error, search_alpha, svdquant,
-                                  svdquant_config, svdquant_layer, svdquant_rules, weight_bytes)
+from jaxdq.quant.rules import quantize_linear, quantize_params
+from jaxdq.quant.smooth import smoothing_factors
+from jaxdq.quant.svdquant import (output_error, search_alpha, svdquant, svdquant_config, svdquant_layer,
+                                  svdquant_rules)
+from jaxdq.quant.transforms import lowrank_layer, smooth_layer
 
 W4A4 = svdquant_config(4, 4, 64)
 
@@ -23,7 +25,7 @@ def _outlier_layer(seed, cin=256, cout=256, n=256):
     w[rng.choice(cin, 4, replace=False)] *= 10.0
     x = rng.normal(size=(n, cin))
     x[:, rng.choice(cin, 4, replace=False)] *= 30.0
-    layer = {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.asarray(rng.normal(size=cout) * 0.1, jnp.float32)}
+    layer = FloatLinear(kernel=jnp.asarray(w, jnp.float32), bias=jnp.asarray(rng.normal(size=cout) * 0.1, jnp.float32))
     return layer, x.astype(np.float32)
 
 
@@ -47,7 +49,8 @@ def test_split_is_exact_without_quantization(rank):
     np.testing.assert_allclose(recon, w, atol=2e-6)
     # the float layer's output is unchanged
     x = np.random.default_rng(9).normal(size=(5, 64)).astype(np.float32)
-    layer = lowrank_layer({"kernel": jnp.asarray(w)}, rank)
+    layer = lowrank_layer(FloatLinear(kernel=jnp.asarray(w)), rank)
+    assert layer.transform.rank == rank
     np.testing.assert_allclose(np.asarray(linear(layer, jnp.asarray(x))), x.astype(np.float64) @ w, atol=1e-4)
 
 
@@ -65,16 +68,18 @@ def test_svdquant_layer_forward_matches_numpy_reference():
     layer, x = _outlier_layer(0, cin=128, cout=64, n=16)
     am = np.abs(x).max(0)
     q = svdquant_layer(layer, W4A4, act_absmax=am, alpha=0.6, rank=8)
-    assert q.packed and q.qweight.shape == (128, 32) and q.w_scale.shape == (2, 64)
-    assert q.lowrank_a.dtype == jnp.float16 and q.lowrank_a.shape == (128, 8) and q.lowrank_b.shape == (8, 64)
-    w = np.asarray(layer["kernel"], np.float64)
+    t = q.transform
+    assert q.weight.packed and q.weight.codes.shape == (128, 32) and q.weight.scale.shape == (2, 64)
+    assert t.lowrank_a.dtype == jnp.float16 and t.lowrank_a.shape == (128, 8) and t.lowrank_b.shape == (8, 64)
+    assert t.rotation is None
+    w = np.asarray(layer.kernel, np.float64)
     lam = am.astype(np.float64) ** 0.6 / np.abs(w).max(1) ** 0.4
-    np.testing.assert_allclose(np.asarray(q.smooth), lam, rtol=1e-5)
-    xh = x.astype(np.float64) / np.asarray(q.smooth, np.float64)
-    l1, l2 = np.asarray(q.lowrank_a, np.float64), np.asarray(q.lowrank_b, np.float64)
-    res = np.asarray(q.smooth, np.float64)[:, None] * w - l1 @ l2
+    np.testing.assert_allclose(np.asarray(t.smooth), lam, rtol=1e-5)
+    xh = x.astype(np.float64) / np.asarray(t.smooth, np.float64)
+    l1, l2 = np.asarray(t.lowrank_a, np.float64), np.asarray(t.lowrank_b, np.float64)
+    res = np.asarray(t.smooth, np.float64)[:, None] * w - l1 @ l2
     ref = (_np_sym_group_fq(xh, 4, 64, axis=1) @ _np_sym_group_fq(res, 4, 64, axis=0)
-           + xh @ l1 @ l2 + np.asarray(layer["bias"], np.float64))
+           + xh @ l1 @ l2 + np.asarray(layer.bias, np.float64))
     np.testing.assert_allclose(np.asarray(q(jnp.asarray(x)), np.float64), ref, rtol=1e-3, atol=2e-3)
 
 
@@ -83,15 +88,16 @@ def test_float16_weight_scales_are_exact_for_their_codes():
     am = np.abs(x).max(0)
     q32 = svdquant_layer(layer, W4A4, act_absmax=am, alpha=0.5, rank=8)
     q16 = svdquant_layer(layer, W4A4, act_absmax=am, alpha=0.5, rank=8, scale_dtype=jnp.float16)
-    assert q16.w_scale.dtype == jnp.float16 and q16.w_scale.shape == q32.w_scale.shape
+    assert q16.weight.scale.dtype == jnp.float16 and q16.weight.scale.shape == q32.weight.scale.shape
     # codes are round(R / s16) clipped to [-8, 7], R = Ŵ − L1 L2 (float64 reference)
-    res = (np.asarray(q16.smooth, np.float64)[:, None] * np.asarray(layer["kernel"], np.float64)
-           - np.asarray(q16.lowrank_a, np.float64) @ np.asarray(q16.lowrank_b, np.float64))
-    s16 = np.repeat(np.asarray(q16.w_scale, np.float64), 64, axis=0)
-    np.testing.assert_array_equal(np.asarray(q16.weight_codes()), np.clip(np.round(res / s16), -8, 7))
+    t = q16.transform
+    res = (np.asarray(t.smooth, np.float64)[:, None] * np.asarray(layer.kernel, np.float64)
+           - np.asarray(t.lowrank_a, np.float64) @ np.asarray(t.lowrank_b, np.float64))
+    s16 = np.repeat(np.asarray(q16.weight.scale, np.float64), 64, axis=0)
+    np.testing.assert_array_equal(np.asarray(q16.weight.unpacked()), np.clip(np.round(res / s16), -8, 7))
     y16, y32 = np.asarray(q16(jnp.asarray(x))), np.asarray(q32(jnp.asarray(x)))
     assert np.linalg.norm(y16 - y32) <= 1e-2 * np.linalg.norm(y32)
-    assert weight_bytes({"l": {"qlinear": q16}}) == weight_bytes({"l": {"qlinear": q32}}) - 2 * q32.w_scale.size
+    assert weight_bytes({"l": q16}) == weight_bytes({"l": q32}) - 2 * q32.weight.scale.size
 
 
 def test_lowrank_branch_beats_w4a4_and_smoothing_on_outlier_layers():
@@ -113,15 +119,16 @@ def test_rank_zero_is_smoothing_plus_w4a4():
     layer, x = _outlier_layer(3, cin=128, cout=64, n=32)
     am = np.abs(x).max(0)
     q0 = svdquant_layer(layer, W4A4, act_absmax=am, alpha=0.5, rank=0, iters=2)
-    ref = quantize_linear(smooth_layer(layer, smoothing_factors(am, layer["kernel"], 0.5)), W4A4)
-    assert q0.lowrank_a is None and q0.lowrank_b is None
-    np.testing.assert_array_equal(np.asarray(q0.qweight), np.asarray(ref.qweight))
+    ref = quantize_linear(smooth_layer(layer, smoothing_factors(am, layer.kernel, 0.5)), W4A4)
+    assert q0.transform.lowrank_a is None and q0.transform.lowrank_b is None
+    np.testing.assert_array_equal(np.asarray(q0.weight.codes), np.asarray(ref.weight.codes))
+    np.testing.assert_array_equal(np.asarray(q0.transform.smooth), np.asarray(ref.transform.smooth))
     np.testing.assert_array_equal(np.asarray(q0(jnp.asarray(x))), np.asarray(ref(jnp.asarray(x))))
 
 
 def test_refinement_never_increases_weight_error():
     layer, x = _outlier_layer(4, cin=128, cout=128)
-    w = smooth_layer(layer, smoothing_factors(np.abs(x).max(0), layer["kernel"], 0.6))["kernel"]
+    w = smooth_layer(layer, smoothing_factors(np.abs(x).max(0), layer.kernel, 0.6)).kernel
     spec = W4A4.weight
     errs = [weight_error(w, svd_split(w, 16, quant_spec=spec, iters=k, factor_dtype=jnp.float16), spec)
             for k in range(5)]
@@ -147,18 +154,35 @@ def test_variant_specs_and_group_fallback():
     assert w8a8.weight == QuantSpec(bits=8, granularity="channel") and w8a8.act == QuantSpec(bits=8, granularity="token")
     w4a8 = svdquant_config(4, 8, 64)
     assert w4a8.weight.granularity == "group" and w4a8.act.granularity == "token" and w4a8.pack
-    fit = fit_config(W4A4, 96)
+    fit = W4A4.fit(96, 64)
     assert fit.weight.granularity == "channel" and fit.act.granularity == "token"
-    assert fit_config(W4A4, 128) == W4A4 and not fit_config(W4A4, 128, 63).pack
+    assert W4A4.fit(128, 64) == W4A4 and not W4A4.fit(128, 63).pack
     per_token = svdquant_config(4, 4, 64, act_group_size=None)
     assert per_token.act == QuantSpec(bits=4, granularity="token") and per_token.weight == W4A4.weight
 
 
+def test_svdquant_rules_select_by_role():
+    """The paper's precision defaults as role rules: 16-bit embeddings / final / time embedding /
+    cross-attention K,V; W4A16 adaLN; the full treatment everywhere else."""
+    from jaxdq.quant.rules import config_of
+
+    rules = svdquant_rules()
+    roles = {"e": "embedding", "f": "final", "t": "time-embedding", "kv": "cross-attn:kv", "q": "cross-attn",
+             "ada": "adaLN", "qkv": "self-attn", "fc": "ffn", "tmp": "temporal-attn", "o": "other"}
+    cfg = config_of(rules, roles)
+    for path in ("e", "f", "t", "kv"):
+        assert cfg(path) is None, path
+    assert cfg("ada") == svdquant_config(4, None, 64) and cfg("ada").act is None and cfg("ada").pack
+    for path in ("q", "qkv", "fc", "tmp", "o"):
+        assert cfg(path) == W4A4, path
+    assert config_of(svdquant_rules(weight_bits=8, act_bits=8), roles)("fc") == svdquant_config(8, 8, 64)
+
+
 @pytest.fixture(scope="module")
 def dit():
-    from jaxdq.calibrate import collect_step_stats, pool_stats
+    from jaxdq.calibrate import collect_step_stats
     from jaxdq.models.default import load_default
-    from jaxdq.models.dit import DiT
+    from jaxdq.models.dit import DiT, layer_roles
 
     cfg, params = load_default()
     module = DiT(cfg)
@@ -171,49 +195,45 @@ def dit():
     strip = lambda n: ({k: v for k, v in n.items() if k != "samples"} if "absmax" in n
                        else {k: strip(v) for k, v in n.items()})
     pooled = strip(pool_stats(per_step))
-    return module, params, pooled, per_step
-
-
-def _layer_at(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree
+    return module, params, pooled, per_step, layer_roles(cfg)
 
 
 def test_recipe_on_default_dit(dit):
-    module, params, pooled, per_step = dit
+    module, params, pooled, per_step, roles = dit
     # absmax-only stats (collect_act_stats): fixed α = 0.5 everywhere
     report = {}
-    q = svdquant(params, pooled, rank=32, iters=1, report=report)
+    q = svdquant(params, pooled, roles=roles, rank=32, iters=1, report=report)
     assert report and all(v["alpha"] == 0.5 and "error" not in v for v in report.values())
-    # per-step stats with stored tokens, as a calibrate() result: α searched per layer
+    # per-step stats with stored tokens, as a calibrate() result, pooled: α searched per layer
     report_s = {}
     alphas = (0.4, 0.6, 0.8)
-    q_s = svdquant(params, {"t": np.arange(2), "cond": per_step}, rank=32, iters=1, alphas=alphas,
-                   report=report_s)
+    q_s = svdquant(params, pool_stats({"t": np.arange(2), "cond": per_step}), roles=roles, rank=32, iters=1,
+                   alphas=alphas, report=report_s)
     assert set(report_s) == set(report) and all(v["alpha"] in alphas and "error" in v
                                                 for v in report_s.values())
 
-    layers = dict(iter_linears(q))
+    layers = dict(iter_layers(q))
     for path in ("x_embedder/proj", "final_layer/linear", "t_embedder/linear_1", "t_embedder/linear_2"):
-        assert not is_quantized_linear(layers[path]), path  # kept float
-    ada = layers["blocks_2/adaLN_modulation"]["qlinear"]
-    assert ada.act_spec is None and ada.lowrank_a is None and ada.w_spec.bits == 4  # W4A16
+        assert isinstance(layers[path], FloatLinear), path  # kept float
+    ada = layers["blocks_2/adaLN_modulation"]
+    assert isinstance(ada, QLinear)
+    assert ada.act is None and ada.transform.lowrank_a is None and ada.weight.spec.bits == 4  # W4A16
     n_svdq = 0
-    for path, layer in layers.items():
-        if not is_quantized_linear(layer) or layer["qlinear"].act_spec is None:
+    for path, ql in layers.items():
+        if not isinstance(ql, QLinear) or ql.act is None:
             continue
-        ql = layer["qlinear"]
-        c_in, c_out = _layer_at(params, path)["kernel"].shape
-        assert ql.packed and ql.qweight.dtype == jnp.uint8 and ql.qweight.shape == (c_in, c_out // 2)
-        assert ql.w_spec == QuantSpec(bits=4, granularity="group", group_size=64)
-        assert ql.act_spec == QuantSpec(bits=4, granularity="group", group_size=64)
-        assert ql.lowrank_a.shape == (c_in, 32) and ql.lowrank_b.shape == (32, c_out)
-        assert ql.lowrank_a.dtype == jnp.float16 and ql.smooth.shape == (c_in,)
+        c_in, c_out = get_path(params, path)["kernel"].shape
+        w, t = ql.weight, ql.transform
+        assert w.packed and w.codes.dtype == jnp.uint8 and w.codes.shape == (c_in, c_out // 2)
+        assert w.spec == QuantSpec(bits=4, granularity="group", group_size=64)
+        assert ql.act.spec == QuantSpec(bits=4, granularity="group", group_size=64) and not ql.act.static
+        assert t.lowrank_a.shape == (c_in, 32) and t.lowrank_b.shape == (32, c_out)
+        assert t.lowrank_a.dtype == jnp.float16 and t.smooth.shape == (c_in,) and t.rotation is None
         n_svdq += 1
     assert n_svdq == 24  # 6 blocks × (qkv, proj, fc1, fc2)
 
-    plain = quantize_params(params, svdquant_rules())  # same W4A4 config and rules, no smoothing / low-rank
+    # same W4A4 config and rules, no smoothing / low-rank
+    plain = quantize_params(params, svdquant_rules(), roles=roles)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(4, 1, 16, 16)), jnp.float32)
     t, y = jnp.asarray([10, 300, 600, 900]), jnp.asarray([0, 3, 7, 10])
@@ -226,8 +246,8 @@ def test_recipe_on_default_dit(dit):
           f"plain W4A4 {e_plain:.4g}; linear weight bytes float32 {fb}, SVDQuant {sb}, plain W4A4 {pb}")
     assert e_svdq <= 0.5 * e_plain and e_search <= 0.5 * e_plain
     # bytes: the low-rank factors (float16) and smoothing vectors on top of the plain W4A4 storage
-    lr = sum(2 * (l["qlinear"].lowrank_a.size + l["qlinear"].lowrank_b.size) + 4 * l["qlinear"].smooth.size
-             for _, l in iter_linears(q) if is_quantized_linear(l) and l["qlinear"].lowrank_a is not None)
+    lr = sum(2 * (l.transform.lowrank_a.size + l.transform.lowrank_b.size) + 4 * l.transform.smooth.size
+             for _, l in iter_layers(q) if isinstance(l, QLinear) and l.transform.lowrank_a is not None)
     assert sb == pb + lr and sb < fb / 3
 
 
@@ -236,9 +256,15 @@ def test_checkpoint_roundtrip_keeps_lowrank_factors(tmp_path):
 
     layer, x = _outlier_layer(6, cin=128, cout=64, n=8)
     q = svdquant_layer(layer, W4A4, act_absmax=np.abs(x).max(0), alpha=0.5, rank=8, iters=1)
-    checkpoint.save(str(tmp_path / "ck"), {"l": {"qlinear": q}}, metadata={"method": "svdquant"})
-    q2 = checkpoint.load(str(tmp_path / "ck"))[0]["l"]["qlinear"]
-    assert q2.lowrank_a.dtype == jnp.float16 and q2.w_spec == q.w_spec and q2.act_spec == q.act_spec and q2.packed
-    for f in ("qweight", "w_scale", "smooth", "lowrank_a", "lowrank_b"):
-        np.testing.assert_array_equal(np.asarray(getattr(q2, f)), np.asarray(getattr(q, f)))
+    checkpoint.save(str(tmp_path / "ck"), {"l": q}, metadata={"method": "svdquant"})
+    q2 = checkpoint.load(str(tmp_path / "ck"))[0]["l"]
+    assert isinstance(q2, QLinear)
+    assert (q2.transform.lowrank_a.dtype == jnp.float16 and q2.weight.spec == q.weight.spec
+            and q2.act.spec == q.act.spec and q2.weight.packed and q2.weight.layout == q.weight.layout)
+    pieces = lambda l: {"codes": l.weight.codes, "scale": l.weight.scale, "smooth": l.transform.smooth,
+                        "lowrank_a": l.transform.lowrank_a, "lowrank_b": l.transform.lowrank_b, "bias": l.bias}
+    for f, a in pieces(q).items():
+        b = pieces(q2)[f]
+        assert b.dtype == a.dtype, f
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
     np.testing.assert_array_equal(np.asarray(q2(jnp.asarray(x))), np.asarray(q(jnp.asarray(x))))

@@ -184,7 +184,8 @@ def test_layer_roles_match_the_modules_and_select_temporal_layers():
     assert temporal == {p for p, r in called.items() if r == "time-embedding"}
     n_resnets = sum(k.endswith("time_emb_proj.weight") for k in model.state_dict())
     assert len(temporal) == 2 + n_resnets == 2 + 2 + 2 + 2 * 2  # timestep MLP + down + mid + up resnets
-    assert called["down_blocks_0/attentions_0/transformer_blocks_1/attn2/to_k"] == "cross-attn"
+    assert called["down_blocks_0/attentions_0/transformer_blocks_1/attn2/to_k"] == "cross-attn:kv"  # reads text
+    assert called["down_blocks_0/attentions_0/transformer_blocks_1/attn2/to_q"] == "cross-attn"
     assert called["up_blocks_1/attentions_1/transformer_blocks_0/attn1/to_out_0"] == "self-attn"
     assert called["mid_block/attentions_0/transformer_blocks_0/ff/net_0/proj"] == "ffn"
     assert called["down_blocks_0/attentions_0/proj_in"] == "other"

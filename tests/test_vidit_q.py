@@ -4,14 +4,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdq.calibrate import load_stats, pool_stats, save_stats
-from jaxdq.pipeline import calibrate, load_model, make_sampler, noise_and_labels, quantize_model
+from jaxdq.calibrate import calibrate, load_stats, pool_stats, save_stats
+from jaxdq.models.sources import load_model, save_model
 from jaxdq.quant import mixed_precision as mp
-from jaxdq.quant.qlinear import QLinear
+from jaxdq.quant.layers import FloatLinear, QLinear, get_path, iter_layers
 from jaxdq.quant.quantizer import QuantSpec
-from jaxdq.quant.recipes import quantize_method, vidit_q_balance
-from jaxdq.quant.rules import LayerQuant, get_path, quantize_linear
+from jaxdq.quant.recipes import Context, get_recipe, vidit_q_balance
+from jaxdq.quant.rules import LayerQuant, Rule, keep_float, quantize_linear, selected
 from jaxdq.quant.timestep import Segmented, at_segment, at_timestep, segment_bounds, segment_of, timestep_aware
+from jaxdq.quantize import quantize_model
+from jaxdq.sampling.families import Request
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +23,21 @@ def model():
 
 @pytest.fixture(scope="module")
 def calib(model):
-    return calibrate(model, classes=[1, 7], per_class=2, num_steps=8, keep_inputs=True)
+    batch = model.family.batch(model.config, Request(classes=(1, 7), per_class=2, seed=1234))
+    return calibrate(model, batch, num_steps=8, keep_inputs=True)
+
+
+def _sampler(model, classes, per_class, seed, steps=8):
+    b = model.family.batch(model.config, Request(classes=tuple(classes), per_class=per_class, seed=seed))
+    run = model.family.sampler(model.config, num_steps=steps)
+    return lambda params, key: run(params, b.x_T, b.cond, b.uncond, key)
 
 
 def test_calibration_is_per_step_and_per_branch(model, calib, tmp_path):
     # replay one step of the cond branch by hand and compare its statistics
     st = calib["cond"]["blocks_2"]["mlp"]["fc1"]
     assert st["absmax"].shape == (8, model.config.hidden_size)
-    x, y = calib["inputs"]["x"], calib["inputs"]["y"]
+    x, y = calib["inputs"]["x"], calib["inputs"]["cond"]["y"]
     k = 5
     _, acts = model.module.apply({"params": model.params}, jnp.asarray(x[k]), jnp.full((4,), calib["t"][k]),
                                  jnp.asarray(y), mutable=["act_stats"])
@@ -50,10 +59,15 @@ def test_calibration_is_per_step_and_per_branch(model, calib, tmp_path):
 
 
 def test_channel_balancing_leaves_the_float_model_unchanged(model, calib):
-    bal = vidit_q_balance(model.params, calib)
+    sel = selected([keep_float(), Rule(LayerQuant(weight=QuantSpec(bits=8, granularity="channel"),
+                                                  act=QuantSpec(bits=8, granularity="token")))], model.roles)
+    bal = vidit_q_balance(model.params, pool_stats(calib), sel)
     layer = get_path(bal, "blocks_3/mlp/fc2")
-    assert "smooth" in layer and layer["hadamard"].block == 512
-    x, y = noise_and_labels(model.config, [0, 5], 2, 3)
+    assert isinstance(layer, FloatLinear) and layer.transform.smooth is not None
+    assert layer.transform.rotation.block == 512
+    assert isinstance(get_path(bal, "x_embedder/proj"), dict)  # first layer untouched
+    b = model.family.batch(model.config, Request(classes=(0, 5), per_class=2, seed=3))
+    x, y = b.x_T, b.cond["y"]
     t = jnp.asarray([900, 900, 10, 10])
     ref = model.module.apply({"params": model.params}, x, t, y)
     out = model.module.apply({"params": bal}, x, t, y)
@@ -64,7 +78,7 @@ def test_dynamic_activation_quant_recomputes_its_range_per_call():
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)
     cfg = LayerQuant(weight=QuantSpec(bits=8, granularity="channel"), act=QuantSpec(bits=8, granularity="token"))
-    q = quantize_linear({"kernel": w}, cfg)
+    q = quantize_linear(FloatLinear(kernel=w), cfg)
     a = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
     # scaling the input by 100 scales the output by exactly 100: the range follows the tensor
     np.testing.assert_allclose(np.asarray(q(100.0 * a)), 100.0 * np.asarray(q(a)), rtol=1e-4, atol=1e-3)
@@ -72,7 +86,7 @@ def test_dynamic_activation_quant_recomputes_its_range_per_call():
     big = jnp.concatenate([a, 1e3 * jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)])
     np.testing.assert_allclose(np.asarray(q(big)[:3]), np.asarray(q(a)), rtol=1e-6)
     # whereas a static range is fixed at calibration
-    qs = quantize_linear({"kernel": w}, LayerQuant(weight=cfg.weight, act=QuantSpec(bits=8, granularity="tensor"),
+    qs = quantize_linear(FloatLinear(kernel=w), LayerQuant(weight=cfg.weight, act=QuantSpec(bits=8, granularity="tensor"),
                                                    act_static=True), act_stats={"min": -1.0, "max": 1.0})
     assert not np.allclose(np.asarray(qs(100.0 * a)), 100.0 * np.asarray(qs(a)), rtol=1e-3)
 
@@ -100,10 +114,10 @@ def test_segments_switch_inside_jit():
     bounds = segment_bounds([999, 800, 600, 400, 200, 0], 3)
     assert [int(segment_of(t, bounds)) for t in (999, 800, 600, 400, 200, 0)] == [0, 0, 1, 1, 2, 2]
     w = jnp.eye(4)
-    lo = {"kernel": w}
-    hi = {"kernel": 2 * w}
+    lo = FloatLinear(kernel=w)
+    hi = FloatLinear(kernel=2 * w)
     params = {"l": Segmented(variants=(lo, hi), index=(0, 1, 0), bounds=bounds)}
-    assert at_segment(params, 1)["l"] is hi
+    assert at_segment(params, 1)["l"]["kernel"] is hi.kernel
     f = jax.jit(timestep_aware(lambda p, x, t: x @ p["l"]["kernel"], params))
     x = jnp.ones((2, 4))
     for t, scale in ((999, 1.0), (400, 2.0), (0, 1.0)):
@@ -111,14 +125,14 @@ def test_segments_switch_inside_jit():
 
 
 def test_qdiffusion_uses_each_timesteps_own_range(model, calib):
-    q = quantize_method("qdiffusion-w8a8", model.params, calib)
-    node: QLinear = get_path(q, "blocks_1/attn/qkv")["qlinear"]
-    assert node.act_scale.shape == (8,) and node.act_t.shape == (8,)
+    q, _ = get_recipe("qdiffusion-w8a8").build(model.params, Context(roles=model.roles, calib=calib))
+    node: QLinear = get_path(q, "blocks_1/attn/qkv")
+    assert node.act.scale.shape == (8,) and node.act.t.shape == (8,)
     k = 3
     st = pool_stats(calib, steps=[k])["blocks_1"]["attn"]["qkv"]
     expect = (max(st["max"], 0) - min(st["min"], 0)) / 255
     resolved = at_timestep(q, jnp.asarray(calib["t"][k]))
-    np.testing.assert_allclose(float(get_path(resolved, "blocks_1/attn/qkv")["qlinear"].act_scale), expect, rtol=1e-5)
+    np.testing.assert_allclose(float(get_path(resolved, "blocks_1/attn/qkv").act.scale), expect, rtol=1e-5)
     with pytest.raises(ValueError, match="at_timestep"):
         node(jnp.ones((2, node.in_features)))
 
@@ -126,44 +140,35 @@ def test_qdiffusion_uses_each_timesteps_own_range(model, calib):
 def test_mixed_precision_model_samples_under_jit_and_respects_budget(model, calib):
     m = quantize_model(model, "vidit-q-mp", calib=calib, progress=False, budget_bits=5.0, steps_per_segment=1,
                        max_samples=4)
-    segs = m.metadata["mixed_precision"]["segments"]
+    segs = m.metadata["report"]["segments"]
     assert len(segs) == 4 and all(s["avg_bits"] <= 5.0 for s in segs)
-    assert any(isinstance(v, Segmented) for v in jax.tree_util.tree_leaves(
-        m.params, is_leaf=lambda n: isinstance(n, Segmented)))
-    x_T, y = noise_and_labels(model.config, [2, 3], 1, 0)
-    run = make_sampler(model.config, num_steps=8)
-    out = np.asarray(run(m.params, x_T, y, jax.random.PRNGKey(1)))
-    ref = np.asarray(run(model.params, x_T, y, jax.random.PRNGKey(1)))
+    assert any(isinstance(l, Segmented) for _, l in iter_layers(m.params))
+    run = _sampler(model, [2, 3], 1, 0)
+    out = np.asarray(run(m.params, jax.random.PRNGKey(1)))
+    ref = np.asarray(run(model.params, jax.random.PRNGKey(1)))
     assert np.isfinite(out).all() and 0 < np.abs(out - ref).mean() < 0.5
 
 
 def test_mixed_precision_and_per_timestep_checkpoints_round_trip(model, calib, tmp_path):
-    from jaxdq.pipeline import save_model
-
-    x_T, y = noise_and_labels(model.config, [4], 2, 0)
-    run = make_sampler(model.config, num_steps=8)
+    run = _sampler(model, [4], 2, 0)
     for method, kw in (("vidit-q-mp", dict(budget_bits=5.0, steps_per_segment=1, max_samples=4)),
                        ("qdiffusion-w8a8", {})):
         m = quantize_model(model, method, calib=calib, progress=False, **kw)
         path = save_model(str(tmp_path / method), m)
         back = load_model(path)
         assert back.metadata["method"] == method
-        a = np.asarray(run(m.params, x_T, y, jax.random.PRNGKey(0)))
-        b = np.asarray(run(back.params, x_T, y, jax.random.PRNGKey(0)))
+        a = np.asarray(run(m.params, jax.random.PRNGKey(0)))
+        b = np.asarray(run(back.params, jax.random.PRNGKey(0)))
         np.testing.assert_array_equal(a, b)
 
 
 def test_static_mixed_precision_has_one_width_per_layer_within_budget(model, calib):
-    from jaxdq.quant.rules import iter_linears
-
     m = quantize_model(model, "vidit-q-mp-static", calib=calib, progress=False, budget_bits=5.0,
                        steps_per_segment=1, max_samples=4)
-    assert not any(isinstance(v, Segmented) for v in jax.tree_util.tree_leaves(
-        m.params, is_leaf=lambda n: isinstance(n, Segmented)))
-    rep = m.metadata["mixed_precision"]["static"]
-    sizes = {p: l["qlinear"].in_features * l["qlinear"].out_features for p, l in iter_linears(m.params)
-             if "qlinear" in l}
-    bits = {p: get_path(m.params, p)["qlinear"].w_spec.bits for p in sizes}
+    assert not any(isinstance(l, Segmented) for _, l in iter_layers(m.params))
+    rep = m.metadata["report"]["static"]
+    sizes = {p: l.in_features * l.out_features for p, l in iter_layers(m.params) if isinstance(l, QLinear)}
+    bits = {p: get_path(m.params, p).weight.spec.bits for p in sizes}
     avg = sum(bits[p] * sizes[p] for p in sizes) / sum(sizes.values())
     assert avg == pytest.approx(rep["avg_bits"]) and avg <= 5.0 and set(bits.values()) == {4, 8}
     assert sorted(p for p in sizes if bits[p] == 8) == rep["promoted"]

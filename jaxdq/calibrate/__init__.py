@@ -1,10 +1,13 @@
 """Activation statistics of every linear layer, per timestep and per CFG branch.
 
-The float model first samples with ``return_trajectory=True`` (only the images
-x_t are kept, never activations); the model is then replayed on that trajectory
-under ``lax.scan`` with the ``act_stats`` collection mutable, so each
-:class:`jaxdq.nn.Linear` reduces its input into a few statistics (see
-``jaxdq.nn._update_stats``).  Memory is the statistics plus one forward pass.
+:func:`calibrate` works on every model family through its
+:class:`jaxdq.sampling.families.Family`: the float model first samples a
+:class:`~jaxdq.sampling.families.Batch` with ``return_trajectory=True`` (only the
+model inputs x_t are kept, never activations); the network is then replayed on that
+trajectory under ``lax.scan`` with the ``act_stats`` collection mutable, once per CFG
+branch (the condition and the null condition), so each :class:`jaxdq.nn.Linear`
+reduces its input into a few statistics (see ``jaxdq.nn._update_stats``).  Memory is
+the statistics plus one forward pass.
 
 Per-step statistics (:func:`collect_step_stats`) keep a leading step axis ``S`` on
 every leaf; :func:`pool_stats` reduces any subset of steps and branches back to
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdq.nn import ACT_SAMPLES, ACT_STATS
+from jaxdq.sampling.families import Batch, trajectory_kwargs
 
 # How each statistic combines over steps/branches.
 _REDUCE = {"absmax": np.max, "min": np.min, "max": np.max, "token_absmax_max": np.max,
@@ -122,7 +126,7 @@ def save_stats(path: str, stats: Mapping) -> str:
             key = f"{prefix}/{k}" if prefix else str(k)
             if isinstance(v, Mapping):
                 walk(v, key)
-            else:
+            elif v is not None:  # an absent branch (no CFG) stays absent
                 flat[key] = np.asarray(v)
 
     walk(stats, "")
@@ -142,4 +146,46 @@ def load_stats(path: str) -> dict:
             for p in parents:
                 node = node.setdefault(p, {})
             node[leaf] = z[key]
+    return out
+
+
+def calibrate(model, batch: Batch, *, solver: Optional[str] = None, num_steps: Optional[int] = None,
+              guidance: Optional[float] = None, samples: bool = False, keep_inputs: bool = False,
+              progress: bool = False, seed: int = 1) -> dict:
+    """Per-timestep activation statistics of every Linear along the float model's own
+    (guided) trajectories from ``batch``, the conditional and null-condition calls observed
+    separately.
+
+    Args:
+      model: a :class:`jaxdq.models.sources.LoadedModel` (float).
+      batch: noise and conditioning to calibrate on (``model.family.batch(config, request)``).
+      solver, num_steps, guidance: the sampler's (None: the family's defaults).
+      samples: also keep stored input tokens per layer and step (SVDQuant's α search).
+      keep_inputs: keep the trajectory (``"inputs"``; mixed precision evaluates on it).
+      seed: key of the sampler's per-step noise.
+    Returns:
+      ``{"t": [S] timesteps (what the network's ``t`` input saw), "cond": tree,
+      "uncond": tree (absent without CFG)}``; every statistics leaf has a leading ``[S]``
+      step axis.  With ``keep_inputs`` also ``"inputs": {"x": [S, N, ...], "cond": ...,
+      "uncond": ...}``.
+    """
+    fam = model.family
+    run = fam.sampler(model.config, solver=solver, num_steps=num_steps, guidance=guidance,
+                      return_trajectory=True, progress=progress)
+    _, traj = run(model.params, batch.x_T, batch.cond, batch.uncond, jax.random.PRNGKey(seed))
+    out = {"t": np.asarray(traj["t"])}
+    branches = {"cond": batch.cond, "uncond": batch.uncond}
+    if keep_inputs:
+        out["inputs"] = {"x": np.asarray(traj["x"]),
+                         **{k: None if c is None else jax.tree_util.tree_map(np.asarray, fam.call_cond(c, guidance))
+                            for k, c in branches.items()}}
+    # both branches in one replay (one compilation): their per-step inputs stacked along the step axis
+    present = [b for b, c in branches.items() if c is not None]
+    per_branch = [trajectory_kwargs(fam, model.config, traj, fam.call_cond(branches[b], guidance)) for b in present]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *per_branch)
+    stats = collect_step_stats(model.module.apply, model.params, stacked, samples=samples, progress=progress,
+                               label=f"calibrating ({' + '.join(present)})")
+    steps = len(out["t"])
+    for i, b in enumerate(present):
+        out[b] = jax.tree_util.tree_map(lambda a, i=i: a[i * steps:(i + 1) * steps], stats)
     return out

@@ -57,10 +57,6 @@ from jaxdq.nn import Linear
 
 NORM_EPS = 1e-6  # every LayerNorm and the q/k RMSNorms of FLUX
 ROPE_THETA = 10000.0
-# Path regexes of the layers quantization recipes should keep float, as DiT's patch embedding and final
-# linear (``jaxdq.quant.recipes.DEFAULT_KEEP_FLOAT`` matches ``x_embedder`` but not FLUX's top-level
-# ``proj_out``; ``single_transformer_blocks_{j}/proj_out`` must not match).
-KEEP_FLOAT = (r"^x_embedder$", r"^proj_out$")
 
 
 @dataclasses.dataclass(frozen=True)

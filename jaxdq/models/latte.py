@@ -12,7 +12,7 @@ blocks are :class:`jaxdq.models.pixart.PixArtBlock`)::
     caption_projection/fc1, fc2                  [C_t, D], [D, D]  "embedding"
     blocks_{i}/scale_shift_table                 [6, D]          (plain param)
     blocks_{i}/attn1/qkv, attn1/proj             [D, 3D], [D, D]   "self-attn"
-    blocks_{i}/attn2/q, attn2/kv, attn2/proj     [D, D], [D, 2D], [D, D]  "cross-attn"
+    blocks_{i}/attn2/q, attn2/kv, attn2/proj     [D, D], [D, 2D], [D, D]  "cross-attn" (kv: "cross-attn:kv")
     blocks_{i}/ff/fc1, ff/fc2                    [D, M], [M, D]    "ffn"
     temporal_blocks_{i}/scale_shift_table        [6, D]          (plain param)
     temporal_blocks_{i}/attn1/qkv, attn1/proj    [D, 3D], [D, D]   "temporal-attn"

@@ -16,7 +16,7 @@ caption embeddings after the self-attention.  Every matmul goes through
     caption_projection/fc1, fc2                  [C_t, D], [D, D]  "embedding"
     blocks_{i}/scale_shift_table                 [6, D]          (plain param)
     blocks_{i}/attn1/qkv, attn1/proj             [D, 3D], [D, D]   "self-attn"
-    blocks_{i}/attn2/q, attn2/kv, attn2/proj     [D, D], [D_ctx, 2D], [D, D]  "cross-attn"
+    blocks_{i}/attn2/q, attn2/kv, attn2/proj     [D, D], [D_ctx, 2D], [D, D]  "cross-attn" (kv: "cross-attn:kv")
     blocks_{i}/ff/fc1, ff/fc2                    [D, M], [M, D]    "ffn"
     final_layer/scale_shift_table                [2, D]          (plain param)
     final_layer/linear                           [D, p·p·C_out]  "final"
@@ -252,7 +252,7 @@ class CrossAttention(nn.Module):
         n, t, d = x.shape
         hd = d // self.num_heads
         q = Linear(d, role="cross-attn", name="q")(x).reshape(n, t, self.num_heads, hd)
-        kv = Linear(2 * d, role="cross-attn", name="kv")(context.astype(x.dtype))
+        kv = Linear(2 * d, role="cross-attn:kv", name="kv")(context.astype(x.dtype))
         kv = kv.reshape(n, context.shape[1], 2, self.num_heads, hd)
         out = attention(q, kv[:, :, 0], kv[:, :, 1], bias, impl=self.impl)
         return Linear(d, role="cross-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype))
@@ -423,7 +423,8 @@ def block_roles(prefix: str, cross_attention: bool = True, self_attn_role: str =
     """Roles of one :class:`PixArtBlock`'s Linears under ``prefix`` (ending in ``/``)."""
     r = {prefix + "attn1/qkv": self_attn_role, prefix + "attn1/proj": self_attn_role}
     if cross_attention:
-        r.update({prefix + f"attn2/{n}": "cross-attn" for n in ("q", "kv", "proj")})
+        r.update({prefix + "attn2/q": "cross-attn", prefix + "attn2/kv": "cross-attn:kv",
+                  prefix + "attn2/proj": "cross-attn"})
     r.update({prefix + "ff/fc1": "ffn", prefix + "ff/fc2": "ffn"})
     return r
 

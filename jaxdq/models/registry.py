@@ -1,9 +1,10 @@
 """One table of the model families jaxdq converts: module, config, converter, named configs.
 
-``ARCHS[name]`` gives, for ``name`` in ``dit | pixart | latte | unet | sd-unet | vae | flux``:
+``get_arch(name)`` gives, for ``name`` in ``dit | pixart | latte | unet | sd-unet | vae | flux``:
 ``module(config)`` (the Flax module), ``config_from_dict`` (JSON metadata → config),
-``named(name)`` (a published config by name), ``convert(state_dict, config)`` and
-``keep_float`` (paths the recipes leave in floating point: first and last layers).
+``named(name)`` (a published config by name), ``convert(state_dict, config)``, ``roles(config)``
+(``{linear path: role tag}``, what the recipes' rules select on) and ``family`` (the name of its
+:class:`jaxdq.sampling.families.Family`: conditioning, sampler, one-call inputs; None for the VAE).
 """
 from __future__ import annotations
 
@@ -22,8 +23,17 @@ class Arch:
     config_from_dict: Callable[[Mapping], Any]
     named: Callable[[str], Any]
     convert: Callable[..., tuple]
-    keep_float: tuple[str, ...]
+    roles: Callable[[Any], dict]
     layout: str
+    family: Optional[str] = None
+
+    def sampling(self):
+        """The family's :class:`jaxdq.sampling.families.Family` (ValueError for the VAE)."""
+        from jaxdq.sampling.families import get_family
+
+        if self.family is None:
+            raise ValueError(f"{self.description} is not sampled on its own (it has no sampler)")
+        return get_family(self.family)
 
 
 def _tuples(cls, d: Mapping):
@@ -33,35 +43,34 @@ def _tuples(cls, d: Mapping):
 
 def _dit():
     from converters import convert_dit
-    from jaxdq.models.dit import DiT, DiTConfig, dit_config
+    from jaxdq.models.dit import DiT, DiTConfig, dit_config, layer_roles
 
     return Arch("dit", "DiT (class-conditional)", DiT, lambda d: _tuples(DiTConfig, d), dit_config,
                 lambda sd, cfg=None, **kw: convert_dit(sd, cfg if not isinstance(cfg, str) else dit_config(cfg), **kw),
-                (r"(^|/)x_embedder(/|$)", r"(^|/)final_layer/linear$"),
-                "original facebookresearch/DiT or diffusers DiTTransformer2DModel")
+                layer_roles, "original facebookresearch/DiT or diffusers DiTTransformer2DModel", "dit")
 
 
 def _pixart():
     from converters.pixart import convert_pixart
-    from jaxdq.models.pixart import PixArt, PixArtConfig, pixart_config
+    from jaxdq.models.pixart import PixArt, PixArtConfig, layer_roles, pixart_config
 
     return Arch("pixart", "PixArt-α/Σ (T5 cross-attention)", PixArt, lambda d: _tuples(PixArtConfig, d),
-                pixart_config, convert_pixart, (r"(^|/)x_embedder(/|$)", r"(^|/)final_layer/linear$"),
-                "diffusers PixArtTransformer2DModel or original PixArt .pth")
+                pixart_config, convert_pixart, layer_roles,
+                "diffusers PixArtTransformer2DModel or original PixArt .pth", "pixart")
 
 
 def _latte():
     from converters.latte import convert_latte
-    from jaxdq.models.latte import Latte, LatteConfig, latte_config
+    from jaxdq.models.latte import Latte, LatteConfig, latte_config, layer_roles
 
     return Arch("latte", "Latte video DiT (spatial + temporal attention)", Latte,
-                lambda d: _tuples(LatteConfig, d), latte_config, convert_latte,
-                (r"(^|/)x_embedder(/|$)", r"(^|/)final_layer/linear$"), "diffusers LatteTransformer3DModel")
+                lambda d: _tuples(LatteConfig, d), latte_config, convert_latte, layer_roles,
+                "diffusers LatteTransformer3DModel", "latte")
 
 
 def _unet(cross: bool):
     from converters.unet import convert_unet
-    from jaxdq.models.unet import UNet, UNetConfig, unet_config
+    from jaxdq.models.unet import UNet, UNetConfig, layer_roles, unet_config
 
     def convert(sd, cfg=None, **kw):
         cfg = unet_config(cfg) if isinstance(cfg, str) else cfg
@@ -73,26 +82,27 @@ def _unet(cross: bool):
 
     name = "sd-unet" if cross else "unet"
     desc = "LDM / Stable Diffusion UNet2DConditionModel" if cross else "DDPM UNet2DModel"
-    return Arch(name, desc, UNet, UNetConfig.from_dict, unet_config, convert, (), f"diffusers {desc.split()[-1]}")
+    return Arch(name, desc, UNet, UNetConfig.from_dict, unet_config, convert, layer_roles,
+                f"diffusers {desc.split()[-1]}", name)
 
 
 def _vae():
     from converters.vae import convert_vae
-    from jaxdq.models.vae import AutoencoderKL, VAEConfig, vae_config
+    from jaxdq.models.vae import AutoencoderKL, VAEConfig, layer_roles, vae_config
 
     return Arch("vae", "AutoencoderKL (encoder + decoder)", AutoencoderKL, VAEConfig.from_dict, vae_config,
                 lambda sd, cfg=None, **kw: convert_vae(sd, vae_config(cfg) if isinstance(cfg, str) else cfg),
-                (), "diffusers AutoencoderKL")
+                layer_roles, "diffusers AutoencoderKL")
 
 
 def _flux():
     from converters.flux import convert_flux
-    from jaxdq.models.flux import KEEP_FLOAT, Flux, FluxConfig, flux_config
+    from jaxdq.models.flux import Flux, FluxConfig, flux_config, layer_roles
 
     return Arch("flux", "FLUX.1 transformer (double + single stream, RoPE)", Flux,
                 lambda d: _tuples(FluxConfig, d), flux_config,
                 lambda sd, cfg=None, **kw: convert_flux(sd, flux_config(cfg) if isinstance(cfg, str) else cfg, **kw),
-                KEEP_FLOAT, "diffusers FluxTransformer2DModel or BFL flux1-*.safetensors")
+                layer_roles, "diffusers FluxTransformer2DModel or BFL flux1-*.safetensors", "flux")
 
 
 _BUILDERS = {"dit": _dit, "pixart": _pixart, "latte": _latte, "unet": lambda: _unet(False),
@@ -125,4 +135,4 @@ def convert_checkpoint(arch_name: str, path: str, config: Optional[str] = None, 
         for sub in {"unet": ("unet",), "sd-unet": ("unet",), "vae": ("vae",)}.get(arch_name, ()):
             if os.path.isdir(os.path.join(path, sub)):
                 path = os.path.join(path, sub)
-    return arch.convert(load_state_dict(path), resolve_config(arch, config), **kwargs)
+    return arch.convert(load_state_dict(path, require_finite=True), resolve_config(arch, config), **kwargs)

@@ -6,11 +6,15 @@
   encoder_hidden_states: ``[N, S, cross_attention_dim]`` for a UNet2DConditionModel
     (text-encoder states; a CFG batch stacks the conditional and unconditional ones),
     None for a UNet2DModel.
+  class_labels: ``[N]`` int labels in ``[0, num_class_embeds)`` for a class-conditional
+    model (``num_class_embeds`` set, diffusers' ``class_embed_type=None``: an
+    ``nn.Embedding`` row added to the time embedding), else None.
 Returns ``[N, C_out, H, W]`` in sample's dtype.
 
 Supported blocks: DownBlock2D / AttnDownBlock2D / CrossAttnDownBlock2D,
 UNetMidBlock2D / UNetMidBlock2DCrossAttn, UpBlock2D / AttnUpBlock2D / CrossAttnUpBlock2D,
-positional (sinusoidal) timestep embedding, ``resnet_time_scale_shift="default"``,
+positional (sinusoidal) timestep embedding, class conditioning by a learned embedding
+(``num_class_embeds``, ``class_embed_type=None``), ``resnet_time_scale_shift="default"``,
 conv up/down-sampling, GEGLU transformer blocks with linear or 1x1-conv proj_in/out.
 :meth:`UNetConfig.from_diffusers` rejects configs using anything else.
 
@@ -19,6 +23,7 @@ Param tree (paths mirror diffusers keys, ``name.<i>`` → ``name_<i>``; see
 
     conv_in, conv_norm_out, conv_out                         conv / GroupNorm params
     time_embedding/linear_1, linear_2                        Linear "time-embedding"
+    class_embedding/embedding [num_class_embeds, 4·C0]       plain param (diffusers ``class_embedding.weight``)
     {down,up}_blocks_{i}/resnets_{j}/time_emb_proj           Linear "time-embedding"
     {down,up}_blocks_{i}/resnets_{j}/{norm1,conv1,norm2,conv2,conv_shortcut}
     {down,up}_blocks_{i}/{downsamplers,upsamplers}_0/conv
@@ -26,7 +31,7 @@ Param tree (paths mirror diffusers keys, ``name.<i>`` → ``name_<i>``; see
     .../attentions_{j}/{group_norm,to_q,to_k,to_v,to_out_0}  UNet2DModel attention, "self-attn"
     .../attentions_{j}/{norm,proj_in,proj_out}               Transformer2D (proj Linear "other" or 1x1 conv)
     .../attentions_{j}/transformer_blocks_{k}/attn1/{to_q,to_k,to_v,to_out_0}   "self-attn"
-    .../attentions_{j}/transformer_blocks_{k}/attn2/{to_q,to_k,to_v,to_out_0}   "cross-attn"
+    .../attentions_{j}/transformer_blocks_{k}/attn2/{to_q,to_k,to_v,to_out_0}   "cross-attn" (to_k/to_v: "cross-attn:kv")
     .../attentions_{j}/transformer_blocks_{k}/ff/{net_0/proj,net_2}             "ffn"
     .../attentions_{j}/transformer_blocks_{k}/norm{1,2,3}
 
@@ -72,6 +77,9 @@ class UNetConfig:
       cross_attention_dim: width of encoder_hidden_states.
       use_linear_projection: proj_in/proj_out are Linears (else 1x1 convs).
       time_embedding_dim: None = ``4 · block_out_channels[0]``.
+      num_class_embeds: class-conditional model with this many labels (diffusers
+        ``class_embed_type=None`` + ``num_class_embeds``): ``emb = time_embedding(t) +
+        class_embedding[y]``; None = no class input.
     """
 
     model_type: str = "UNet2DModel"
@@ -101,6 +109,7 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     act_fn: str = "silu"
+    num_class_embeds: Optional[int] = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -126,6 +135,8 @@ class UNetConfig:
             if len(self.num_attention_heads) != n or len(self.transformer_layers_per_block) != n:
                 problems.append(f"num_attention_heads {self.num_attention_heads} and transformer_layers_per_block "
                                 f"{self.transformer_layers_per_block} need one entry per stage ({n})")
+        if self.num_class_embeds is not None and self.num_class_embeds < 1:
+            problems.append(f"num_class_embeds must be positive, got {self.num_class_embeds}")
         activation(self.act_fn)
         if problems:
             raise ValueError("invalid UNetConfig: " + "; ".join(problems))
@@ -226,7 +237,8 @@ def _is_allowed(value, ok) -> bool:
 # diffusers' constructor defaults for the fields used here (config.json omits defaults).
 _COMMON_DEFAULTS = dict(in_channels=3, out_channels=3, flip_sin_to_cos=True, freq_shift=0, layers_per_block=2,
                         mid_block_scale_factor=1, downsample_padding=1, act_fn="silu", norm_num_groups=32,
-                        norm_eps=1e-5, center_input_sample=False, time_embedding_dim=None, sample_size=None)
+                        norm_eps=1e-5, center_input_sample=False, time_embedding_dim=None, sample_size=None,
+                        num_class_embeds=None)
 _DIFFUSERS_DEFAULTS = {
     "UNet2DModel": dict(_COMMON_DEFAULTS, attention_head_dim=8, attn_norm_num_groups=None, add_attention=True,
                         mid_block_type="UNetMidBlock2D", block_out_channels=(224, 448, 672, 896),
@@ -240,7 +252,7 @@ _DIFFUSERS_DEFAULTS = {
                                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
 }
 _MUST_BE_COMMON = dict(time_embedding_type=("positional",), resnet_time_scale_shift=("default",),
-                       class_embed_type=(None,), num_class_embeds=(None,), act_fn=("silu", "swish"))
+                       class_embed_type=(None,), act_fn=("silu", "swish"))
 _MUST_BE = {
     "UNet2DModel": dict(_MUST_BE_COMMON, downsample_type=("conv",), upsample_type=("conv",),
                         mid_block_type=("UNetMidBlock2D", None)),
@@ -293,7 +305,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: Union[jax.Array, int, float],
-                 encoder_hidden_states: Optional[jax.Array] = None) -> jax.Array:
+                 encoder_hidden_states: Optional[jax.Array] = None,
+                 class_labels: Optional[jax.Array] = None) -> jax.Array:
         cfg = self.config
         n, c, h, w = sample.shape
         f = 2 ** (len(cfg.block_out_channels) - 1)
@@ -309,6 +322,15 @@ class UNet(nn.Module):
         t = jnp.broadcast_to(jnp.ravel(jnp.asarray(timesteps)), (n,))
         t_emb = timestep_sinusoid(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, name="time_embedding")(t_emb.astype(x.dtype))
+        if cfg.num_class_embeds is not None:
+            if class_labels is None:
+                raise ValueError(f"a class-conditional UNet (num_class_embeds={cfg.num_class_embeds}) "
+                                 "needs class_labels [N]")
+            y = jnp.broadcast_to(jnp.ravel(jnp.asarray(class_labels)), (n,))
+            table = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding")
+            emb = emb + table(y).astype(emb.dtype)
+        elif class_labels is not None:
+            raise ValueError("class_labels given but the UNet has no class embedding (num_class_embeds=None)")
 
         x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in")(x)
         skips = [x]
@@ -331,20 +353,21 @@ def _dummy_inputs(config: UNetConfig):
     s = 2 ** (len(config.block_out_channels) - 1)  # params do not depend on the spatial size
     x = jnp.zeros((1, config.in_channels, s, s), jnp.float32)
     ctx = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32) if config.cross else None
-    return x, jnp.zeros((1,), jnp.int32), ctx
+    y = jnp.zeros((1,), jnp.int32) if config.num_class_embeds is not None else None
+    return x, jnp.zeros((1,), jnp.int32), ctx, y
 
 
 def init_unet(config: UNetConfig, key: jax.Array) -> dict:
     """Flax-default-initialized float32 params (for shapes and tests; real weights come from
     :func:`converters.unet.convert_unet`)."""
-    x, t, ctx = _dummy_inputs(config)
-    return jax.jit(lambda k: UNet(config).init(k, x, t, ctx)["params"])(key)
+    x, t, ctx, y = _dummy_inputs(config)
+    return jax.jit(lambda k: UNet(config).init(k, x, t, ctx, y)["params"])(key)
 
 
 def unet_param_shapes(config: UNetConfig) -> dict:
     """The params tree as ``jax.ShapeDtypeStruct`` leaves (nothing allocated or compiled)."""
-    x, t, ctx = _dummy_inputs(config)
-    return jax.eval_shape(lambda k: UNet(config).init(k, x, t, ctx)["params"], jax.random.PRNGKey(0))
+    x, t, ctx, y = _dummy_inputs(config)
+    return jax.eval_shape(lambda k: UNet(config).init(k, x, t, ctx, y)["params"], jax.random.PRNGKey(0))
 
 
 def layer_roles(params_or_config: Union[UNetConfig, Mapping]) -> dict[str, str]:

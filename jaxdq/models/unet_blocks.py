@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxdq.models.attention import attention
 from jaxdq.nn import Linear
+from jaxdq.quant.layers import iter_layers
 
 # diffusers ModuleList names: their children are ``name.<i>`` in a state dict, ``name_<i>`` here.
 INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
@@ -54,7 +55,7 @@ def linear_role(path: str) -> str:
     if "attn1" in segs:
         return "self-attn"
     if "attn2" in segs:
-        return "cross-attn"
+        return "cross-attn:kv" if segs[-1] in ("to_k", "to_v") else "cross-attn"
     if "ff" in segs:
         return "ffn"
     if segs[-1] in ("to_q", "to_k", "to_v", "to_out_0"):
@@ -194,8 +195,9 @@ def _attend(x: jax.Array, context: jax.Array, heads: int, dim_head: int, out_dim
     Called inside a compact method: the Linears are created in the caller's scope."""
     inner = heads * dim_head
     q = Linear(inner, use_bias=qkv_bias, role=role, name="to_q")(x)
-    k = Linear(inner, use_bias=qkv_bias, role=role, name="to_k")(context)
-    v = Linear(inner, use_bias=qkv_bias, role=role, name="to_v")(context)
+    kv_role = role + ":kv" if role == "cross-attn" else role  # keys/values of the text tokens
+    k = Linear(inner, use_bias=qkv_bias, role=kv_role, name="to_k")(context)
+    v = Linear(inner, use_bias=qkv_bias, role=kv_role, name="to_v")(context)
     out = dot_product_attention(q, k, v, heads).astype(x.dtype)
     return Linear(out_dim, role=role, name="to_out_0")(out)
 
@@ -532,6 +534,4 @@ def flat_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[in
 
 def roles_of_params(params: Mapping[str, Any]) -> dict[str, str]:
     """``{linear path: role}`` of every float or quantized Linear of a params tree."""
-    from jaxdq.quant.rules import iter_linears
-
-    return {path: linear_role(path) for path, _ in iter_linears(params)}
+    return {path: linear_role(path) for path, _ in iter_layers(params)}

@@ -4,12 +4,12 @@ A rotation ``X ← X H``, ``W ← Hᵀ W`` leaves ``X W`` unchanged (H orthogona
 spreading each token's outlier channels over many channels, which shrinks the
 per-token range that dynamic quantization has to cover (QuaRot, ViDiT-Q).
 
-``H`` here is block-diagonal: each contiguous group of ``block`` channels is
+:class:`BlockHadamard` is block-diagonal: each contiguous group of ``block`` channels is
 multiplied by the normalized Sylvester matrix ``H_b / sqrt(b)`` (``H_1 = [1]``,
-``H_2n = [[H, H], [H, -H]]``), ``b`` a power of two.  Channel counts that are not
-a power of two (DiT-XL's 1152 = 9·128) use the largest power-of-two block that
-divides them, as ViDiT-Q's and QuaRot's implementations do for such widths.
-Because ``H_b/sqrt(b)`` is symmetric and orthogonal it is its own inverse.
+``H_2n = [[H, H], [H, -H]]``), ``b`` a power of two.  For channel counts that are not a
+power of two (DiT-XL's 1152 = 9·128) the default block is the largest power of two
+dividing the width.  Because ``H_b/sqrt(b)`` is symmetric and orthogonal it is its own
+inverse.
 """
 from __future__ import annotations
 
@@ -72,42 +72,31 @@ def hadamard_block_size(k: int, max_block: int | None = None) -> int:
 
 
 @struct.dataclass
-class Hadamard:
-    """Online input rotation of a linear layer: ``x ↦ block_hadamard(x, block)``.
+class BlockHadamard:
+    """Online input rotation ``x ↦ x · blockdiag(H_b/√b, …)`` (symmetric, its own inverse).
 
-    A pytree node without array leaves (``block`` is static), stored in a float layer
-    dict under ``"hadamard"``; :func:`jaxdq.quant.rules.quantize_linear` carries it
-    into the QLinear.
+    A pytree node without array leaves (``block`` is static), held in a layer's
+    :class:`jaxdq.quant.layers.InputTransform`.  ``kernel_block`` is the block size the
+    fused quantize kernel applies in-kernel.
     """
 
     block: int = struct.field(pytree_node=False)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    @classmethod
+    def for_width(cls, k: int, max_block: int | None = None) -> "BlockHadamard":
+        return cls(hadamard_block_size(k, max_block))
+
+    @property
+    def kernel_block(self) -> int:
+        return self.block
+
+    def apply(self, x: jax.Array) -> jax.Array:
         return block_hadamard(x, self.block)
 
+    def rotate_weight(self, w: jax.Array) -> jax.Array:
+        """``Hᵀ W`` for ``W [C_in, ...]``: rotate the input-channel axis."""
+        return jnp.moveaxis(block_hadamard(jnp.moveaxis(w, 0, -1), self.block), -1, 0)
 
-def rotate_kernel(kernel: jax.Array, block: int) -> jax.Array:
-    """``Hᵀ W`` for ``W [C_in, C_out]``: rotate the input-channel axis (H is symmetric)."""
-    return block_hadamard(jnp.swapaxes(kernel, 0, 1), block).swapaxes(0, 1)
-
-
-def rotate_layer(layer, block: int | None = None, max_block: int | None = None) -> dict:
-    """Float layer dict with an online input Hadamard rotation: kernel ``Hᵀ W``, entry
-    ``"hadamard"``.  ``block`` defaults to the largest power of two dividing C_in
-    (capped at ``max_block``).  Apply after smoothing, before any low-rank split."""
-    if "hadamard" in layer or "lowrank_a" in layer:
-        raise ValueError("layer is already rotated or low-rank split; rotate once, before svd_split")
-    k = layer["kernel"].shape[0]
-    block = block or hadamard_block_size(k, max_block)
-    out = dict(layer)
-    out["kernel"] = rotate_kernel(jnp.asarray(layer["kernel"], jnp.float32), block)
-    out["hadamard"] = Hadamard(block)
-    return out
-
-
-def rotate_params(params, select, max_block: int | None = None) -> dict:
-    """:func:`rotate_layer` on every float linear whose path ``select(path)`` accepts."""
-    from jaxdq.quant.rules import is_float_linear, map_linears
-
-    return map_linears(params, lambda path, layer: rotate_layer(layer, max_block=max_block)
-                       if is_float_linear(layer) and select(path) else layer)
+    def unrotate_weight(self, w: jax.Array) -> jax.Array:
+        """``H W`` (= ``Hᵀ W``: H is symmetric and orthogonal)."""
+        return self.rotate_weight(w)

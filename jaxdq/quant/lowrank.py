@@ -14,7 +14,6 @@ with least ``‖Ŵ − (L1 L2 + Q(R))‖_F``.  So refinement never increases tha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
@@ -104,23 +103,3 @@ def svd_split(kernel, rank: int, *, quant_spec: Optional[QuantSpec] = None, iter
         if err < best_err:
             best, best_err = cur, err
     return best
-
-
-def lowrank_layer(layer: Mapping, rank: int, *, quant_spec: Optional[QuantSpec] = None, iters: int = 0,
-                  factor_dtype=None) -> dict:
-    """Float layer dict with its kernel split: ``kernel = R``, ``lowrank_a = L1``, ``lowrank_b = L2``.
-
-    The float output is unchanged up to rounding (``jaxdq.nn.linear`` adds
-    ``(x' L1) L2``).  Run it after smoothing (and rotation, if any): the split is of
-    the kernel as stored, which already holds those transforms' inverses.  ``rank=0``
-    returns the layer unchanged (no low-rank entries), so the quantized layer is
-    exactly the one without the branch.
-    """
-    if layer.get("lowrank_a") is not None:
-        raise ValueError("layer already has a low-rank branch")
-    if rank == 0:
-        return dict(layer)
-    s = svd_split(layer["kernel"], rank, quant_spec=quant_spec, iters=iters, factor_dtype=factor_dtype)
-    out = dict(layer)
-    out.update(kernel=s.R, lowrank_a=s.L1, lowrank_b=s.L2)
-    return out

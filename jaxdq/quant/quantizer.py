@@ -21,6 +21,12 @@ zero point; asymmetric codes are uint8 in ``[0, 2^b - 1]`` with
 widened to include 0.  Scales are floored at ``1e-8`` so all-zero groups give
 codes ``z`` (0 for symmetric) and dequantize to exactly 0, never NaN.
 
+Non-finite values (the NaN/inf policy): a NaN or ±inf activation is left out of the range
+computation (so it does not poison the scale of its token, group or tensor), quantizes to
+the code of 0, and :func:`fake_quant` passes it through unchanged — divergence stays
+visible instead of turning into a finite code.  Weights must be finite: the quantization
+of a layer refuses NaN/inf weights (:meth:`jaxdq.quant.layers.QWeight.from_kernel`).
+
 Every function is jit/vmap-compatible with the spec and ``kind`` static.  The
 primitives (qparams, quantize, dequantize, packing) are themselves jitted, so an
 eager call compiles once per (spec, kind, shape, dtype) rather than dispatching
@@ -218,6 +224,7 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, kind: str):
     """
     _check_kind(spec, kind)
     xf = jnp.asarray(x, jnp.float32)
+    xf = jnp.where(jnp.isfinite(xf), xf, 0.0)  # non-finite values do not set the range
     xg, axes = _grouped(xf, spec, kind)
     lo = jnp.min(xg, axis=axes, keepdims=True)
     hi = jnp.max(xg, axis=axes, keepdims=True)
@@ -244,7 +251,8 @@ def quantize(x: jax.Array, scale: jax.Array, zero: Optional[jax.Array], spec: Qu
     _check_kind(spec, kind)
     _check_zero(zero, spec)
     x = jnp.asarray(x)
-    xg, _ = _grouped(x.astype(jnp.float32), spec, kind)
+    xf = x.astype(jnp.float32)
+    xg, _ = _grouped(jnp.where(jnp.isfinite(xf), xf, 0.0), spec, kind)  # non-finite → the code of 0
     q = _codes(xg, _regroup(scale, spec, kind, x.ndim), _regroup(zero, spec, kind, x.ndim), spec)
     return q.reshape(x.shape).astype(spec.code_dtype)
 
@@ -266,13 +274,14 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *, kind: str, scale: Optional[jax.
     """Quantize-dequantize ``x``; result has ``x``'s shape and dtype.
 
     Dynamic (qparams recomputed from ``x`` at every call) when ``scale`` is None,
-    static (the given ``scale``/``zero``) otherwise.
+    static (the given ``scale``/``zero``) otherwise.  NaN and ±inf pass through unchanged.
     """
     x = jnp.asarray(x)
     if scale is None:
         scale, zero = compute_qparams(x, spec, kind=kind)
     codes = quantize(x, scale, zero, spec, kind=kind)
-    return dequantize(codes, scale, zero, spec, kind=kind).astype(x.dtype)
+    out = dequantize(codes, scale, zero, spec, kind=kind).astype(x.dtype)
+    return jnp.where(jnp.isfinite(x), out, x)
 
 
 def quantize_weight(w: jax.Array, spec: QuantSpec):

@@ -1,27 +1,44 @@
-"""Path rules: turn a float params tree into a quantized one.
+"""Rules: which layers get which quantization, selected by role tag (regex paths as an escape hatch).
 
-A linear layer in a params tree is a dict holding a 2-D ``"kernel"``; its path is
-the ``/``-joined keys leading to it (``"blocks_3/attn/qkv"``).  A :class:`Rule`
-maps a regex on that path (and optionally a role tag) to a :class:`LayerQuant`
-config; the first matching rule wins, ``None`` as config keeps the layer float,
-and layers no rule matches stay float.  So "cross-attention stays 8-bit, the rest
-4-bit" is two rules.
+Every linear layer of a jaxdq model carries a role tag (its model's ``layer_roles``):
+``self-attn``, ``cross-attn``, ``temporal-attn``, ``ffn``, ``adaLN``, ``time-embedding``,
+``embedding``, ``final`` (or ``other``).  A tag may carry a sub-role after a colon:
+``cross-attn:kv`` is a cross-attention key/value projection (it reads the text tokens
+only).  A rule's role ``"cross-attn"`` matches ``cross-attn`` and ``cross-attn:kv``; the
+rule role ``"cross-attn:kv"`` matches only the latter.
+
+A :class:`Rule` maps roles (and optionally a path regex) to a :class:`LayerQuant` config,
+or to None to keep the layer float.  :func:`first_match` is the one matcher: the first
+matching rule wins; a layer no rule matches is left as it is.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.quant.hadamard import rotate_kernel
-from jaxdq.quant.qlinear import QLinear
-from jaxdq.quant.quantizer import QuantSpec, compute_qparams, pack_int4, quantize
+from jaxdq.quant.layers import (ActQuant, FloatLinear, QLinear, QWeight, bits_label, get_path, iter_layers,
+                                map_layers, static_act_quant, weight_arrays)
+from jaxdq.quant.quantizer import QuantSpec
 
 Params = Mapping[str, Any]
+
+ROLES = ("self-attn", "cross-attn", "cross-attn:kv", "temporal-attn", "ffn", "adaLN", "time-embedding",
+         "embedding", "final", "other")
+#: The first and last layers (patch / caption / context embedders and the output projection):
+#: float in every recipe, as is customary in diffusion PTQ.
+FIRST_LAST = ("embedding", "final")
+
+
+def role_matches(rule_role: str, layer_role: Optional[str]) -> bool:
+    """Whether a rule's role selects a layer's role (a base role selects its sub-roles)."""
+    if layer_role is None:
+        return False
+    return layer_role == rule_role or (":" not in rule_role and layer_role.split(":")[0] == rule_role)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,19 +46,18 @@ class LayerQuant:
     """How to quantize one linear layer.
 
     weight: QuantSpec of the weight (granularity "tensor" | "channel" | "group").
-    act: QuantSpec of the input activation, or None to keep activations float
-      (weight-only quantization).
-    act_static: take activation qparams from calibration statistics (per-tensor
-      min-max) instead of computing them from the tensor at every call.
+    act: QuantSpec of the input activation, or None to keep activations float (weight-only).
+    act_static: activation qparams from calibration statistics (per-tensor min-max) instead
+      of from the tensor at every call.
     pack: store 4-bit weight codes two per byte.
-    impl: "fake" (float reference) or "int" (integer accumulator), see QLinear.
+    scale_dtype: storage dtype of the weight scales (None: float32), e.g. float16.
     """
 
     weight: QuantSpec
     act: Optional[QuantSpec] = None
     act_static: bool = False
     pack: bool = False
-    impl: str = "fake"
+    scale_dtype: Any = None
 
     def __post_init__(self):
         if self.act_static and self.act is None:
@@ -51,198 +67,148 @@ class LayerQuant:
                              f"got granularity {self.act.granularity!r}")
         if self.pack and self.weight.bits > 4:
             raise ValueError(f"pack=True needs weight bits <= 4, got {self.weight.bits}")
-        if self.impl not in ("fake", "int"):
-            raise ValueError(f"impl must be 'fake' or 'int', got {self.impl!r}")
 
     @property
     def bits_label(self) -> str:
         return f"W{self.weight.bits}A{self.act.bits if self.act else 16}"
 
+    def fit(self, c_in: int, c_out: int) -> "LayerQuant":
+        """This config fitted to a ``[c_in, c_out]`` kernel: group specs whose group does not
+        divide ``c_in`` become per-channel (weights) / per-token (activations); int4 packing
+        (pairs along C_out) is dropped for an odd ``c_out``."""
+        def fit(spec, fine):
+            if spec is None or spec.granularity != "group" or c_in % spec.group_size == 0:
+                return spec
+            # only the granularity changes (bits, symmetry and the range search are kept)
+            return dataclasses.replace(spec, granularity=fine, group_size=None)
+        return dataclasses.replace(self, weight=fit(self.weight, "channel"), act=fit(self.act, "token"),
+                                   pack=self.pack and c_out % 2 == 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``pattern``: regex searched in the layer path; ``roles``: if given, the layer's
-    role tag must be one of them; ``config``: LayerQuant, or None to keep float."""
+    """``config`` (a LayerQuant, any recipe-specific config, or None = keep float) for the
+    layers whose role matches one of ``roles`` (None: any role) and whose path matches the
+    regex ``pattern`` (None: any path)."""
 
-    pattern: str
-    config: Optional[LayerQuant]
+    config: Any
     roles: Optional[tuple[str, ...]] = None
+    pattern: Optional[str] = None
+
+    def __post_init__(self):
+        if isinstance(self.roles, str):
+            object.__setattr__(self, "roles", (self.roles,))
 
     def matches(self, path: str, role: Optional[str]) -> bool:
-        if self.roles is not None and role not in self.roles:
+        if self.roles is not None and not any(role_matches(r, role) for r in self.roles):
             return False
-        return re.search(self.pattern, path) is not None
+        return self.pattern is None or re.search(self.pattern, path) is not None
 
 
-def is_float_linear(node: Any) -> bool:
-    return (isinstance(node, Mapping) and "kernel" in node
-            and getattr(node["kernel"], "ndim", 0) == 2)
+def keep_float(*roles: str) -> Rule:
+    """A rule keeping the layers of ``roles`` float (default: :data:`FIRST_LAST`)."""
+    return Rule(None, roles=roles or FIRST_LAST)
 
 
-def is_quantized_linear(node: Any) -> bool:
-    return isinstance(node, Mapping) and isinstance(node.get("qlinear"), QLinear)
+def first_match(rules: Sequence[Rule], path: str, role: Optional[str]) -> Optional[Rule]:
+    """The first rule matching ``(path, role)``, or None."""
+    return next((r for r in rules if r.matches(path, role)), None)
 
 
-def iter_linears(params: Params, prefix: str = "") -> Iterator[tuple[str, Mapping]]:
-    """Yield ``(path, layer_dict)`` for every float or quantized linear layer."""
-    for key, node in params.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if is_float_linear(node) or is_quantized_linear(node):
-            yield path, node
-        elif isinstance(node, Mapping):
-            yield from iter_linears(node, path)
+def config_of(rules: Sequence[Rule], roles: Mapping[str, str]) -> Callable[[str], Any]:
+    """``path → config`` of the first matching rule (None when none matches or it keeps float)."""
+    def cfg(path):
+        rule = first_match(rules, path, roles.get(path))
+        return None if rule is None else rule.config
+    return cfg
 
 
-def map_linears(params: Params, fn: Callable[[str, Mapping], Any], prefix: str = "") -> dict:
-    """Copy of ``params`` with every linear layer dict replaced by ``fn(path, layer)``."""
-    out = {}
-    for key, node in params.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if is_float_linear(node) or is_quantized_linear(node):
-            out[key] = fn(path, node)
-        elif isinstance(node, Mapping):
-            out[key] = map_linears(node, fn, path)
-        else:
-            out[key] = node
-    return out
+def selected(rules: Sequence[Rule], roles: Mapping[str, str], *,
+             act: bool = True) -> Callable[[str], bool]:
+    """Predicate on paths: the rules quantize the layer (with quantized activations if ``act``)."""
+    cfg = config_of(rules, roles)
+
+    def sel(path):
+        c = cfg(path)
+        return c is not None and (not act or getattr(c, "act", None) is not None)
+    return sel
 
 
-def get_path(tree: Mapping, path: str) -> Any:
-    """``tree["a"]["b"]`` for path ``"a/b"``; KeyError naming the path if absent."""
-    node = tree
-    for k in path.split("/"):
-        if not isinstance(node, Mapping) or k not in node:
-            raise KeyError(f"no entry {path!r} (missing at {k!r})")
-        node = node[k]
-    return node
+def quantize_linear(layer: FloatLinear, cfg: LayerQuant, act_stats: Optional[Mapping] = None) -> QLinear:
+    """Quantize one float linear (round to nearest); its transforms are carried over.
 
-
-def static_act_qparams(stats: Mapping, spec: QuantSpec) -> tuple[jnp.ndarray, Optional[jnp.ndarray]]:
-    """Per-tensor activation (scale, zero) from calibration min/max statistics."""
-    lo, hi = jnp.minimum(stats["min"], 0.0), jnp.maximum(stats["max"], 0.0)
-    probe = jnp.stack([lo, hi])
-    return compute_qparams(probe, spec, kind="activation")
-
-
-def quantize_linear(layer: Mapping, cfg: LayerQuant,
-                    act_stats: Optional[Mapping] = None) -> QLinear:
-    """Quantize one float linear layer dict ``{"kernel": [C_in, C_out], "bias"?}``.
-
-    The dict's float-equivalent transforms (``smooth``, ``hadamard``, ``lowrank_a``/
-    ``lowrank_b``) are carried into the QLinear; only ``kernel`` is quantized.
-    ``act_stats`` (this layer's calibration statistics, see ``jaxdq.nn``) is needed
-    only for static activation quantization.
+    ``cfg`` is first fitted to the layer's shape (:meth:`LayerQuant.fit`).  ``act_stats``
+    (this layer's pooled calibration statistics, keys ``min``/``max``) is needed only for
+    static activation quantization.
     """
-    w = jnp.asarray(layer["kernel"], jnp.float32)
-    scale, zero = compute_qparams(w, cfg.weight, kind="weight")
-    codes = quantize(w, scale, zero, cfg.weight, kind="weight")
-    if cfg.pack:
-        codes = pack_int4(codes)
-    act_scale = act_zero = None
-    if cfg.act_static:
-        if act_stats is None:
-            raise ValueError("static activation quantization needs calibration statistics")
-        act_scale, act_zero = static_act_qparams(act_stats, cfg.act)
-    bias = layer.get("bias")
-    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
-    had = layer.get("hadamard")
-    return QLinear(qweight=codes, w_scale=scale, w_zero=zero, bias=f32(bias),
-                   act_scale=act_scale, act_zero=act_zero, smooth=f32(layer.get("smooth")),
-                   lowrank_a=f32(layer.get("lowrank_a")), lowrank_b=f32(layer.get("lowrank_b")),
-                   w_spec=cfg.weight, act_spec=cfg.act, packed=cfg.pack, impl=cfg.impl,
-                   had_block=0 if had is None else had.block)
+    if not isinstance(layer, FloatLinear):
+        raise TypeError(f"quantize_linear takes a float layer, got {type(layer).__name__}")
+    cfg = cfg.fit(layer.in_features, layer.out_features)
+    weight = QWeight.from_kernel(layer.kernel, cfg.weight, pack=cfg.pack, scale_dtype=cfg.scale_dtype)
+    act = None
+    if cfg.act is not None:
+        if cfg.act_static:
+            if act_stats is None:
+                raise ValueError("static activation quantization needs calibration statistics")
+            act = static_act_quant(act_stats["min"], act_stats["max"], cfg.act)
+        else:
+            act = ActQuant(spec=cfg.act)
+    bias = None if layer.bias is None else jnp.asarray(layer.bias, jnp.float32)
+    t = layer.transform
+    f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)  # noqa: E731
+    t = t.replace(smooth=f32(t.smooth))
+    return QLinear(weight=weight, act=act, bias=bias, transform=t)
 
 
-def quantize_params(params: Params, rules: Sequence[Rule], *,
-                    stats: Optional[Mapping] = None,
-                    roles: Optional[Mapping[str, str]] = None) -> dict:
-    """Quantize every linear layer of ``params`` that a rule selects.
+def quantize_params(params: Params, rules: Sequence[Rule], *, roles: Mapping[str, str],
+                    stats: Optional[Mapping] = None) -> dict:
+    """Quantize every float linear a rule selects (first match wins; unmatched stay).
 
     Args:
       params: float (or partly quantized) params tree.
-      rules: first matching rule wins; unmatched layers stay as they are.
-      stats: calibration statistics tree with the same module paths
-        (``act_stats`` collection of :class:`jaxdq.nn.Linear`); needed for static rules.
-      roles: path → role tag, for rules that select on roles.
-    Returns:
-      A new params tree; selected layers become ``{"qlinear": QLinear}``.
+      rules: :class:`Rule` list; configs must be :class:`LayerQuant` (or None).
+      roles: path → role tag (the model's ``layer_roles``).
+      stats: pooled calibration statistics with the params' layer paths (static rules).
     """
-    roles = roles or {}
+    cfg_of = config_of(rules, roles)
 
     def convert(path, layer):
-        if not is_float_linear(layer):
+        cfg = cfg_of(path)
+        if cfg is None or not isinstance(layer, FloatLinear):
             return layer
-        for rule in rules:
-            if rule.matches(path, roles.get(path)):
-                if rule.config is None:
-                    return layer
-                layer_stats = None
-                if rule.config.act_static:
-                    if stats is None:
-                        raise ValueError(f"rule {rule.pattern!r} is static but no calibration stats were given")
-                    layer_stats = get_path(stats, path)
-                return {"qlinear": quantize_linear(layer, rule.config, layer_stats)}
-        return layer
+        layer_stats = None
+        if cfg.act_static:
+            if stats is None:
+                raise ValueError(f"layer {path!r} is quantized with static activations but no calibration "
+                                 "statistics were given")
+            layer_stats = get_path(stats, path)
+        try:
+            return quantize_linear(layer, cfg, layer_stats)
+        except ValueError as e:
+            raise ValueError(f"layer {path!r}: {e}") from None
 
-    return map_linears(params, convert)
+    return map_layers(params, convert)
 
 
 def dequantize_params(params: Params) -> dict:
-    """Float params tree whose linears hold the weights the quantized layers use
-    (smoothing folded back out); activation quantization is dropped."""
-
+    """Float params whose linears hold the weights the quantized layers use, transforms
+    folded out (``x W_eff + b``); activation quantization is dropped."""
     def back(path, layer):
-        if not is_quantized_linear(layer):
-            return layer
-        q: QLinear = layer["qlinear"]
-        w = q.dequantized_weight()
-        if q.lowrank_a is not None:
-            w = w + q.lowrank_a @ q.lowrank_b
-        if q.had_block:
-            w = rotate_kernel(w, q.had_block)
-        if q.smooth is not None:
-            w = w / q.smooth[:, None]
-        out = {"kernel": w}
-        if q.bias is not None:
-            out["bias"] = q.bias
-        return out
+        if isinstance(layer, QLinear):
+            layer = layer.dequantized()
+        if isinstance(layer, FloatLinear):
+            return FloatLinear(kernel=layer.effective_kernel(), bias=layer.bias)
+        return layer
 
-    return map_linears(params, back)
+    return map_layers(params, back)
 
 
 def summarize(params: Params) -> list[dict]:
-    """One row per linear layer: path, shape, bits label, weight bytes."""
+    """One row per linear layer: path, (C_in, C_out), bits label, weight bytes."""
     rows = []
-    for path, layer in iter_linears(params):
-        if is_quantized_linear(layer):
-            q = layer["qlinear"]
-            label = f"W{q.w_spec.bits}A{q.act_spec.bits if q.act_spec else 16}"
-            shape = (q.in_features, q.out_features)
-            nb = sum(int(np.prod(a.shape)) * a.dtype.itemsize
-                     for a in (q.qweight, q.w_scale, q.w_zero, q.lowrank_a, q.lowrank_b, q.smooth) if a is not None)
-        else:
-            label = "float"
-            shape = tuple(layer["kernel"].shape)
-            nb = int(np.prod(shape)) * layer["kernel"].dtype.itemsize
-        rows.append({"path": path, "shape": shape, "bits": label, "weight_bytes": nb})
+    for path, layer in iter_layers(params):
+        shape = getattr(layer, "weight", None).shape if hasattr(layer, "weight") else (
+            tuple(int(d) for d in layer.kernel.shape) if hasattr(layer, "kernel") else ())
+        nb = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in weight_arrays(layer))
+        rows.append({"path": path, "shape": tuple(shape), "bits": bits_label(layer), "weight_bytes": nb})
     return rows
-
-
-def use_kernels(params: Params, *, layout: str = "nk") -> Params:
-    """Every quantized linear (also inside timestep :class:`~jaxdq.quant.timestep.Segmented`
-    nodes) set to ``impl="kernel"`` with its codes stored in ``layout``.
-
-    ``impl="kernel"`` runs :func:`pallas_kernels.ops.qlinear_apply`: the Pallas GPU
-    kernels on a CUDA backend, the layer's own reference elsewhere.  "nk" stores the
-    codes K-major (``[C_out, C_in]``), as the Hopper wgmma kernels read them, so no
-    weight transpose happens per call.  Same outputs as before, up to the kernels'
-    bf16 rounding.
-    """
-    import jax
-
-    def conv(node):
-        if isinstance(node, QLinear):
-            return node.to_layout(layout).replace(impl="kernel")
-        return node
-
-    return jax.tree_util.tree_map(conv, params, is_leaf=lambda n: isinstance(n, QLinear))

@@ -1,4 +1,4 @@
-"""A dependency-free progress bar on stderr, for host loops and for ``lax.scan`` bodies.
+"""tqdm progress bars on stderr, for host loops and for jitted ``lax.scan`` bodies.
 
 Host loop::
 
@@ -7,56 +7,104 @@ Host loop::
             ...
             bar.update()
 
-Inside a jitted ``lax.scan`` body, :func:`scan_progress` prints the bar from a
-``jax.debug.callback``; the line is rendered from the step count alone, so no
-state is kept anywhere.
+Inside a jitted ``lax.scan`` body, :func:`scan_progress` drives a tqdm bar from a
+``jax.debug.callback``: the callback opens the bar when step 1 has finished, moves it
+to each step count that arrives, and closes it at ``total``.
+
+Where the bar's state lives: tqdm needs a bar object across steps (for the elapsed time,
+rate and ETA), so a display derived from the count alone would lose what tqdm is for.
+The object is held by the callback itself — one :class:`_ScanBar` made per traced
+``scan_progress`` call, captured by the compiled function — not in a module-level table:
+two scans with the same ``desc`` never share a bar, and there is nothing global to reset.
+A count lower than the bar's (a new run after an interrupted one) starts a fresh bar; a
+repeated count (``vmap`` calls the callback once per batch element) is ignored.
+
+When the stream is not a terminal (a log file, CI, pytest's capture), bars print whole
+lines (no ``\\r`` redraws), at most about one per tenth of the run (:data:`LOG_LINES`).
 """
 from __future__ import annotations
 
-import functools
+import math
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from tqdm.std import tqdm
 
-BAR_WIDTH = 20
+LOG_LINES = 10  # lines per bar (plus the last) when the stream is not a terminal
+
+
+class _LogTqdm(tqdm):
+    """tqdm for a stream that is not a terminal: one full line per display, no ``\\r``,
+    no monitor thread (it would reset ``miniters`` and print every step)."""
+
+    monitor_interval = 0
+
+    def display(self, msg=None, pos=None):
+        if msg == "":  # tqdm clearing the bar on close(leave=False): nothing to clear in a log
+            return False
+        self.fp.write((self.__str__() if msg is None else msg) + "\n")
+        self.fp.flush()
+        self._printed_n = self.n
+        return True
+
+    def close(self):
+        if not self.disable and getattr(self, "_printed_n", None) != self.n:
+            self.refresh()  # the final count, unless it was the last line printed
+        super().close()
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def make_bar(total: int, desc: str = "", stream=None, *, unit: str = "it", initial: int = 0, **kwargs) -> tqdm:
+    """A tqdm bar on ``stream`` (default ``sys.stderr`` now): redrawn in place on a terminal,
+    about :data:`LOG_LINES` whole lines otherwise."""
+    stream = stream if stream is not None else sys.stderr
+    total = int(total)
+    if _is_terminal(stream):
+        return tqdm(total=total, desc=desc, file=stream, unit=unit, initial=initial, dynamic_ncols=True, **kwargs)
+    every = max(1, math.ceil(total / LOG_LINES))
+    return _LogTqdm(total=total, desc=desc, file=stream, unit=unit, initial=initial, leave=False,
+                    mininterval=0, maxinterval=float("inf"), miniters=every, **kwargs)
 
 
 def render(desc: str, n: int, total: int) -> str:
-    """One bar line (no ``\\r``/newline), e.g. ``'sampling ddim 23/50 [#########-----------]'``."""
-    n = max(0, min(int(n), total))
-    filled = BAR_WIDTH * n // total if total > 0 else BAR_WIDTH
-    width = len(str(total))
-    return f"{desc} {n:>{width}}/{total} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]"
+    """One tqdm-style bar line for ``n``/``total`` without timing, e.g.
+    ``'sampling ddim:  46%|####6     | 23/50'`` (no ``\\r``/newline)."""
+    n = max(0, min(int(n), int(total)))
+    return tqdm.format_meter(n, int(total), 0, prefix=desc, ascii=True,
+                             bar_format="{l_bar}{bar:10}| {n_fmt}/{total_fmt}")
 
 
 class ProgressBar:
-    """``\\r``-redrawn progress bar on stderr (or ``stream``); ``close()`` ends the line.
+    """A tqdm progress bar on stderr (or ``stream``); ``close()`` ends it.
 
     Args:
       total: number of ``update()`` units at completion.
-      desc: text before the counter.
-      stream: file-like with ``write``/``flush``; default ``sys.stderr`` at each write.
+      desc: text before the bar.
+      stream: file-like with ``write``/``flush``; default ``sys.stderr`` when the bar is made.
+      unit: what one update counts (tqdm's ``unit``).
     """
 
-    def __init__(self, total: int, desc: str = "", stream=None):
-        self.total, self.desc, self.n = int(total), desc, 0
-        self._stream, self._closed = stream, False
-        self._write("\r" + render(desc, 0, self.total))
+    def __init__(self, total: int, desc: str = "", stream=None, *, unit: str = "it"):
+        self.total, self.desc = int(total), desc
+        self._bar = make_bar(self.total, desc, stream, unit=unit)
 
-    def _write(self, text: str) -> None:
-        stream = self._stream if self._stream is not None else sys.stderr
-        stream.write(text)
-        stream.flush()
+    @property
+    def n(self) -> int:
+        return int(self._bar.n)
 
     def update(self, n: int = 1) -> None:
-        self.n += n
-        self._write("\r" + render(self.desc, self.n, self.total))
+        self._bar.update(n)
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._write("\n")
+        self._bar.close()
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -65,36 +113,47 @@ class ProgressBar:
         self.close()
 
 
-def _print_step(count, *_, total: int, desc: str) -> None:
-    count = int(count)
-    done = count >= total
-    # A log file (not a terminal) gets a line per tenth instead of a redraw per step.
-    if not sys.stderr.isatty():
-        tenth = max(1, total // 10)
-        if count % tenth and not done:
-            return
-        sys.stderr.write(render(desc, count, total) + "\n")
-    else:
-        sys.stderr.write("\r" + render(desc, count, total) + ("\n" if done else ""))
-    sys.stderr.flush()
+class _ScanBar:
+    """The host side of one :func:`scan_progress` call site (see the module docstring)."""
+
+    def __init__(self, total: int, desc: str, unit: str):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.bar: Optional[tqdm] = None
+
+    def __call__(self, count, *_after) -> None:
+        count = int(count)
+        if self.bar is not None and count < self.bar.n:  # a new run after an unfinished one
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:
+            if count < 1:
+                return
+            # opened once step 1 is done: the time to it (compilation, first step) is not in the rate
+            self.bar = make_bar(self.total, self.desc, unit=self.unit, initial=min(count, self.total))
+        elif count > self.bar.n:
+            self.bar.update(min(count, self.total) - self.bar.n)
+        if count >= self.total:
+            self.bar.close()
+            self.bar = None
 
 
-def scan_progress(count: jax.Array, total: int, desc: str, after=None) -> None:
-    """Print the bar at ``count``/``total`` from inside traced code (e.g. a scan body).
+def scan_progress(count: jax.Array, total: int, desc: str, after=None, *, unit: str = "step") -> None:
+    """Advance a tqdm bar to ``count``/``total`` from inside traced code (e.g. a scan body).
 
-    Emits an (unordered) ``jax.debug.callback``; the line is ended with a newline
-    when ``count >= total``.
+    Emits an (unordered) ``jax.debug.callback``; the bar opens at count 1 and closes at
+    ``count >= total``.
 
     Args:
       count: int scalar, possibly traced: steps completed (1-based).
       total: Python int, steps in all.
-      desc: text before the counter.
-      after: optional pytree of arrays; the bar is drawn only once its first
-        leaf is computed (one element is sent to the host), so it advances when
-        a step has finished rather than whenever XLA schedules the callback.
+      desc: text before the bar.
+      after: optional pytree of arrays; the bar advances only once its first leaf is
+        computed (one element is sent to the host), so it moves when a step has finished
+        rather than whenever XLA schedules the callback.
+      unit: what a step is called in the rate (``step/s``).
     """
     args = [count]
     if after is not None:
         leaf = jax.tree_util.tree_leaves(after)[0]
         args.append(jnp.ravel(leaf)[0])
-    jax.debug.callback(functools.partial(_print_step, total=int(total), desc=desc), *args)
+    jax.debug.callback(_ScanBar(int(total), desc, unit), *args)

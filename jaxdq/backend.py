@@ -1,0 +1,308 @@
+"""How quantized layers execute: the one place that decides, per layer, between the
+fake-quant reference, the integer-accumulator path and the Pallas kernels.
+
+The decision comes from a frozen :class:`Policy`, never from the layer or the checkpoint
+(a checkpoint stores what a layer computes, not how it runs) and never from module
+state.  :func:`bind` attaches a policy to a params tree for one model call; the model's
+``jaxdq.nn.Linear`` hands every layer to :func:`linear`, which dispatches::
+
+    params ──bind(params, policy)──► Bound(layer, policy) ──Linear──► linear() ──► execute()
+
+``execute`` (:func:`choose` picks the implementation):
+
+* ``"fake"``: the reference, ``Q_a(X') · deq(W_q)`` in float32 (``QLinear.product_fake``);
+* ``"int"``: int8 × int8 → int32 then ``s_x · s_w`` (``QLinear.product_int``), where the
+  layer's operands allow it (symmetric, per-token/tensor × per-channel/tensor);
+* ``"weight_only"``: a W{b}A16 layer on a GPU, codes dequantized to the activation dtype
+  and XLA's dot;
+* ``"kernel"``: the fused quantize kernel (``X' = H(X/smooth)``, int8 codes, per-token or
+  per-(token, group) scales, ``X' L1``) then the integer GEMM with the fused epilogue
+  (``acc · s_x · s_w + bias + (X' L1) L2``): Mosaic GPU wgmma on Hopper, Pallas-Triton
+  elsewhere (:mod:`pallas_kernels`).
+
+Every path computes the same function (the reference's) up to the kernels' bf16 output
+rounding; the tests check each against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxdq.quant.layers import FloatLinear, QConv, QLinear, Segmented, as_layer, forward, map_layers
+
+MODES = ("reference", "integer", "kernels")
+GEMMS = ("auto", "triton", "hopper")
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How the quantized layers of one model call execute (hashable: jit specialises on it).
+
+    mode: "reference" (fake quantization in float32, the semantics every other path is
+      tested against), "integer" (integer-accumulator XLA path where a layer allows it),
+      or "kernels" (the Pallas kernels on a GPU; elsewhere the integer/reference paths).
+    gemm: with kernels, "auto" (Mosaic GPU wgmma on sm_90, Pallas-Triton on other GPUs),
+      "triton" or "hopper".
+    fuse_lowrank: on the Hopper GEMM, add the low-rank up-projection inside the kernel (a
+      second wgmma accumulator) instead of as an XLA product after it.  H100
+      (bench/results/kernels_h100_run2.json): DiT fc1 0.097 vs 0.230 ms, W4A4 g64 0.301 vs
+      0.464 ms; PixArt-Σ SVDQuant step 146 vs 156 ms.
+    small_m: layers called on at most this many rows (adaLN / FLUX modulation on the
+      conditioning vector) take the integer path instead of the kernels: a GEMV-like
+      product is weight-bandwidth-bound and the kernel path pads rows to 64 and adds a
+      quantize launch.  H100 (kernels_h100_run4.json, call 3): DiT adaLN 1152→6912 at M = 2,
+      W8A8 7.2 µs vs 15.8 through the kernels; FLUX modulation 3072→18432 W8A8 26.2 µs vs
+      39.9 (1.46× bf16); DiT-XL/2 W8A8 step 4.62 → 4.16 ms (e2e_h100_run3.json).  0 = off.
+    interpret: run the kernels in interpret mode (Pallas-Triton ``interpret=True``; the
+      Hopper GEMM in jax's Mosaic GPU interpreter): the kernel path on a CPU, for tests.
+    """
+
+    mode: str = "reference"
+    gemm: str = "auto"
+    fuse_lowrank: bool = True
+    small_m: int = 64
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"policy mode must be one of {MODES}, got {self.mode!r}")
+        if self.gemm not in GEMMS:
+            raise ValueError(f"policy gemm must be one of {GEMMS}, got {self.gemm!r}")
+        if not isinstance(self.small_m, int) or self.small_m < 0:
+            raise ValueError(f"small_m must be an int >= 0, got {self.small_m!r}")
+
+
+REFERENCE = Policy()
+
+
+def policy(mode: str = "reference", **options: Any) -> Policy:
+    """The execution policy: ``policy("kernels")`` for the Pallas kernels on a GPU,
+    ``policy("integer")``, or the default ``policy()`` (fake-quant reference)."""
+    return Policy(mode=mode, **options)
+
+
+@struct.dataclass
+class Bound:
+    """A quantized layer with the policy it executes under, for one model call."""
+
+    layer: Any
+    policy: Policy = struct.field(pytree_node=False, default=REFERENCE)
+
+
+def bind(params: Mapping, pol: Policy) -> Mapping:
+    """``params`` whose quantized layers execute under ``pol`` (the reference policy returns
+    ``params`` itself).  Call it inside the jitted function, after time-dependent layers
+    are resolved (:func:`jaxdq.quant.timestep.timestep_aware`); never save bound params."""
+    if pol == REFERENCE:
+        return params
+
+    def wrap(_, layer):
+        if isinstance(layer, Segmented):
+            raise TypeError("bind() after timestep resolution: this tree still holds Segmented layers")
+        return Bound(layer, pol) if isinstance(layer, (QLinear, QConv)) else layer
+
+    return map_layers(params, wrap)
+
+
+def linear(node: Any, x: jax.Array) -> jax.Array:
+    """``y = layer(x)`` for whatever a linear module's params are (float dict, typed layer,
+    or a :class:`Bound` one).  ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``."""
+    if isinstance(node, Bound):
+        return execute(node.layer, x, node.policy)
+    layer = as_layer(node)
+    if layer is None:
+        raise TypeError(f"not a linear layer: {type(node).__name__}")
+    if isinstance(layer, Segmented):
+        raise TypeError("time-dependent layers must be resolved first (jaxdq.quant.timestep.timestep_aware)")
+    return execute(layer, x, REFERENCE)
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() in ("gpu", "cuda")
+
+
+def _is_hopper() -> bool:
+    dev = jax.devices()[0]
+    return dev.platform == "gpu" and getattr(dev, "compute_capability", "") in ("9.0", "9.0a")
+
+
+def _act_group(q: QLinear) -> int:
+    a = q.act.spec
+    return a.group_size if a.granularity == "group" else 0
+
+
+def kernel_supported(q: QLinear) -> bool:
+    """Whether the kernels compute ``q``: dynamic per-token or per-group activations
+    (asymmetric only per token, with per-channel weights), symmetric per-channel or
+    per-group weights, K and N multiples of 128, one group size (a power of two ≥ 32)
+    shared by weights and activations, a block-Hadamard rotation of a power-of-two block
+    ≥ 16 (equal to the activation group if both are set)."""
+    if q.act is None or q.act.static:
+        return False
+    a, w = q.act.spec, q.weight.spec
+    if a.granularity not in ("token", "group"):
+        return False
+    if not a.symmetric and (a.granularity != "token" or w.granularity != "channel"):
+        return False
+    if not w.symmetric or q.weight.zero is not None or w.granularity not in ("channel", "group"):
+        return False
+    k, n = q.in_features, q.out_features
+    if k % 128 or n % 128:
+        return False
+    groups = [g for g in (w.group_size if w.granularity == "group" else 0, _act_group(q)) if g]
+    if any(g % 32 or k % g or g & (g - 1) for g in groups) or len(set(groups)) > 1:
+        return False
+    rot = q.transform.rotation
+    block = 0 if rot is None else getattr(rot, "kernel_block", 0)
+    if rot is not None and (block < 16 or block & (block - 1)):
+        return False
+    if _act_group(q) and block and block != _act_group(q):
+        return False
+    return True
+
+
+def choose(q: QLinear, rows: int, pol: Policy) -> str:
+    """The implementation of quantized linear ``q`` called on ``rows`` rows under ``pol``:
+    "fake", "int", "weight_only" or "kernel" (see the module docstring)."""
+    exact = "int" if q.int_path_ok() else "fake"
+    if pol.mode == "reference":
+        return "fake"
+    if pol.mode == "integer":
+        return exact
+    accel = pol.interpret or _on_gpu()
+    if not accel:
+        return exact
+    if q.act is None:
+        return "weight_only"
+    if not kernel_supported(q):
+        return exact
+    if rows <= pol.small_m and q.int_path_ok():
+        return "int"
+    return "kernel"
+
+
+def execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
+    """Run one linear layer on ``x [..., C_in]`` under ``pol``."""
+    if isinstance(layer, FloatLinear):
+        return layer(x)
+    if not isinstance(layer, QLinear):
+        raise TypeError(f"execute() runs linear layers, not {type(layer).__name__}")
+    if layer.act is not None:
+        layer.act.check_resolved()
+    impl = choose(layer, math.prod(x.shape[:-1]), pol)
+    if impl == "fake":
+        return forward(layer.transform, layer.bias, x, layer.product_fake, jnp.float32)
+    if impl == "int":
+        return forward(layer.transform, layer.bias, x, layer.product_int, jnp.float32)
+    if impl == "weight_only":
+        return _weight_only(layer, x)
+    y = _kernel_forward(layer, x.reshape(-1, layer.in_features), pol)
+    return y.reshape(*x.shape[:-1], layer.out_features).astype(x.dtype)
+
+
+def _weight_only(q: QLinear, x: jax.Array) -> jax.Array:
+    """W{b}A16: codes dequantized to ``x.dtype`` (one XLA fusion), XLA's dot, f32 accumulation."""
+    w = q.weight.dequantize().astype(x.dtype)
+    product = lambda xt: jnp.dot(xt, w, preferred_element_type=jnp.float32)  # noqa: E731
+    return forward(q.transform, q.bias, x, product, x.dtype)
+
+
+def _weight_nk(q: QLinear):
+    """Weight codes K-major for the Hopper kernel: int8 ``[N, K]`` or ``jnp.int4 [N, K]``."""
+    if q.weight.layout == "nk":
+        return q.weight.stored()
+    codes = q.weight.unpacked().T  # "kn" layout: one transpose (and unpack) per call
+    return codes.astype(jnp.int4) if q.weight.packed else codes
+
+
+# Jitted: a model calls it once per layer with the same few shapes, and jax lowers each
+# (shapes, static config) once and calls that lowering from every site.  Without it,
+# DiT-XL/2's ~170 kernel call sites took 87 s to lower.
+@functools.partial(jax.jit, static_argnames=("pol",))
+def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
+    """The kernel path on ``x2 [M, C_in]`` → bf16 ``[M, C_out]``."""
+    from pallas_kernels.int_gemm import GemmConfig, int_gemm
+    from pallas_kernels.quantize_act import quantize_act, quantize_config
+
+    m = x2.shape[0]
+    bm = 128 if m >= 128 else 64
+    m_pad = -(-m // bm) * bm
+    if m_pad != m:  # zero rows quantize to zero codes and are sliced off
+        x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+    t = q.transform
+    l1, l2 = t.lowrank_a, t.lowrank_b
+    if l1 is not None and l1.shape[1] % 16:  # zero-pad the rank to the dot minimum (exact)
+        pad = 16 - l1.shape[1] % 16
+        l1 = jnp.pad(l1, ((0, 0), (0, pad)))
+        l2 = jnp.pad(l2, ((0, pad), (0, 0)))
+    had = 0 if t.rotation is None else t.rotation.kernel_block
+    ag = _act_group(q)
+    qcfg = quantize_config(m_pad, q.in_features, dot=l1 is not None or bool(had), smooth=t.smooth is not None,
+                           grouped=bool(ag))
+    qcfg = dataclasses.replace(qcfg, interpret=pol.interpret)
+    sym = q.act.spec.symmetric
+    outs = quantize_act(x2, bits=q.act.spec.bits, smooth=t.smooth, had_block=had, l1=l1, group_size=ag,
+                        symmetric=sym, config=qcfg)
+    codes, sx, xl1 = outs[:3]
+    zx = None if sym else outs[3]
+    bias = None if q.bias is None else q.bias.astype(jnp.float32)
+    w = q.weight
+    group = max(ag, w.spec.group_size if w.spec.granularity == "group" else 0)
+    hopper = pol.gemm == "hopper" or (pol.gemm == "auto" and not pol.interpret and _is_hopper())
+    if hopper and group in (0, 64, 128):
+        y = _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol)
+    else:
+        y = int_gemm(codes, w.codes, sx, w.scale, bias=bias, xa=xl1, l2=l2, x_zero=zx, packed=w.packed,
+                     w_kmajor=w.layout == "nk", out_dtype=jnp.bfloat16,
+                     config=GemmConfig(block_m=bm, interpret=pol.interpret))
+    return y[:m]
+
+
+def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
+    from pallas_kernels.int_gemm_hopper import (HopperGemmConfig, device_num_sms, gpu_interpret_params,
+                                                int8_gemm_ws, pick_tile_n)
+
+    fuse = pol.fuse_lowrank and xl1 is not None
+    w = q.weight
+    sw = w.scale.reshape(-1) if w.spec.granularity == "channel" else w.scale
+    tile_n = None  # the kernel's default (64) with group scales or a second accumulator
+    if not (group or fuse):
+        tile_n = pick_tile_n(m_pad, q.out_features, num_sms=device_num_sms())
+    num_sms = None  # the persistent grid: one CTA per SM of the device
+    if pol.interpret:
+        # The GPU interpreter simulates every CTA (seconds each on a CPU, idle ones too, so
+        # not the device's 132) and can deadlock at a barrier when a CTA walks several
+        # output tiles (pallas_kernels/NOTES.md): one CTA per tile, at most, from the bound
+        # ceil(M / 128) · N / 128 ≥ the kernel's tile count (its CTA tile is ≥ 128 × 128).
+        num_sms = max(1, -(-m_pad // 128) * (q.out_features // 128))
+    cfg = HopperGemmConfig(tile_n=tile_n, num_sms=num_sms,
+                           interpret=gpu_interpret_params() if pol.interpret else None)
+    y = int8_gemm_ws(codes, _weight_nk(q), sx if _act_group(q) else sx[:, 0], sw, bias=bias,
+                     xa=xl1 if fuse else None, l2=l2 if fuse else None,
+                     x_zero=None if zx is None else zx[:, 0], out_dtype=jnp.bfloat16, config=cfg)
+    if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
+        y = (y.astype(jnp.float32) + jnp.dot(xl1, l2.astype(jnp.bfloat16),
+                                             preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+    return y
+
+
+def stored_for_kernels(params: Mapping) -> Mapping:
+    """The same model with every quantized linear's codes stored K-major ("nk",
+    ``[C_out, C_in]``), the layout the Hopper wgmma kernels read without a per-call
+    transpose; the function computed is unchanged.  (A storage choice, saved with the
+    checkpoint; how layers run stays the policy's.)"""
+    def relayout(_, layer):
+        if isinstance(layer, Segmented):
+            return layer.replace(variants=tuple(relayout(_, v) for v in layer.variants))
+        if isinstance(layer, QLinear):
+            return layer.replace(weight=layer.weight.to_layout("nk"))
+        return layer
+
+    return map_layers(params, relayout)
