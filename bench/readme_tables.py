@@ -28,11 +28,64 @@ MARK = re.compile(r"<!-- generated: (\S+) (\S+) -->\n(.*?)<!-- /generated -->", 
 
 
 def _compare(d: dict) -> str:
-    """The comparison table of a ``compare.json`` (``jaxdq compare`` / ``jaxdq demo`` output)."""
-    return markdown_table(d["results"])
+    """The comparison table of a ``compare.json`` (``jaxdq compare`` / ``jaxdq demo`` output);
+    over several seeds each metric is ``mean ± half-width of its 95% interval``."""
+    seeds = d.get("settings", {}).get("seeds") or []
+    note = (f"\n\nMean ± 95% interval (Student t) over {len(seeds)} noise seeds ({', '.join(map(str, seeds))})."
+            if len(seeds) > 1 else "")
+    return markdown_table(d["results"]) + note
 
 
-RENDERERS = {"compare": _compare}
+#: Metrics an ordering is stated for: (key, label, larger is better).
+ORDER_METRICS = (("psnr_db", "PSNR", True), ("ssim", "SSIM", True), ("fd_vs_float", "FD vs float", False))
+
+
+def _interval(r: dict, key: str):
+    v, h = r.get(key), (r.get("ci95") or {}).get(key)
+    return None if v is None or h is None else (v - h, v + h)
+
+
+def separated(a: dict, b: dict, key: str, larger_better: bool = True) -> int:
+    """+1 if ``a``'s 95% interval lies wholly on the better side of ``b``'s, −1 if wholly on
+    the worse side, 0 if they overlap or either has no interval."""
+    ia, ib = _interval(a, key), _interval(b, key)
+    if ia is None or ib is None:
+        return 0
+    if ia[0] > ib[1]:
+        return 1 if larger_better else -1
+    if ia[1] < ib[0]:
+        return -1 if larger_better else 1
+    return 0
+
+
+def _ordering(d: dict) -> str:
+    """Generated statements of what a multi-seed ``compare.json`` separates: per bit width and
+    metric, the methods whose interval does not separate from the best mean's (the top), and
+    the methods below it; an ordering is stated only where 95% intervals do not overlap."""
+    rows = [r for r in d["results"] if r["method"] != "float"]
+    if not any(r.get("ci95") for r in rows):
+        return "_One seed: no intervals, so no ordering is stated._\n"
+    fmt = {"psnr_db": "{:.2f}", "ssim": "{:.4f}", "fd_vs_float": "{:.3f}"}
+    lines = []
+    for bits in dict.fromkeys(r["bits"] for r in rows):
+        group = [r for r in rows if r["bits"] == bits]
+        for key, label, up in ORDER_METRICS:
+            have = [r for r in group if _interval(r, key) is not None]
+            if len(have) < 2:
+                continue
+            best = max(have, key=lambda r: r[key] if up else -r[key])
+            top = [r["method"] for r in have if separated(best, r, key, up) == 0]
+            below = [r for r in have if separated(best, r, key, up) == 1]
+            f = fmt[key]
+            show = lambda r: f"{r['method']} ({f.format(r[key])} ± {f.format(r['ci95'][key])})"  # noqa: E731
+            text = (f"- **{bits}, {label}**: best mean {show(best)}; not separated from it: "
+                    f"{', '.join(m for m in top if m != best['method']) or 'none'}; separated from it and worse: "
+                    f"{', '.join(show(r) for r in below) or 'none'}.")
+            lines.append(text)
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"compare": _compare, "compare-order": _ordering}
 
 
 def render(kind: str, path: str) -> str:

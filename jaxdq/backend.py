@@ -20,6 +20,10 @@ state.  :func:`bind` attaches a policy to a params tree for one model call; the 
   (``acc · s_x · s_w + bias + (X' L1) L2``): Mosaic GPU wgmma on Hopper, Pallas-Triton
   elsewhere (:mod:`pallas_kernels`).
 
+Where a quantized linear reads a normalized, modulated input (``h = norm(x)·(1+scale)+shift``,
+the models call :func:`jaxdq.norm_linear.norm_linear` there), :func:`fuse_norm` decides
+whether its quantize runs inside the norm (one kernel reading ``x``) instead.
+
 Every path computes the same function (the reference's) up to the kernels' bf16 output
 rounding; the tests check each against it.
 """
@@ -35,10 +39,13 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxdq.quant.layers import FloatLinear, QConv, QLinear, Segmented, as_layer, forward, map_layers
+from jaxdq.quant.twinlog import TwinLogWeight
+from jaxdq.quant.layers import (ConvGeometry, FloatConv, FloatLinear, QConv, QLinear, QWeight, Segmented, as_layer,
+                                forward, map_layers)
 
 MODES = ("reference", "integer", "kernels")
 GEMMS = ("auto", "triton", "hopper")
+CONV_IMPLS = ("xla", "im2col")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,12 @@ class Policy:
       39.9 (1.46× bf16); DiT-XL/2 W8A8 step 4.62 → 4.16 ms (e2e_h100_run3.json).  0 = off.
     interpret: run the kernels in interpret mode (Pallas-Triton ``interpret=True``; the
       Hopper GEMM in jax's Mosaic GPU interpreter): the kernel path on a CPU, for tests.
+    conv: how a quantized convolution's integer path runs (modes "integer" and "kernels"):
+      "xla" (XLA's convolution on int8 operands with an int32 accumulator) or "im2col"
+      (patches by slicing, then XLA's int8 × int8 → int32 dot) — :meth:`QConv.conv_int`.
+    fuse_norm: mode "kernels": a quantized linear reading ``norm(x)·(1+scale)+shift`` takes
+      the fused norm → quantize kernel (:func:`fuse_norm`); False: ``h`` by XLA, then the
+      separate quantize kernel (the baseline the fused path is measured against).
     """
 
     mode: str = "reference"
@@ -69,6 +82,8 @@ class Policy:
     fuse_lowrank: bool = True
     small_m: int = 64
     interpret: bool = False
+    conv: str = "xla"
+    fuse_norm: bool = True
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -77,6 +92,8 @@ class Policy:
             raise ValueError(f"policy gemm must be one of {GEMMS}, got {self.gemm!r}")
         if not isinstance(self.small_m, int) or self.small_m < 0:
             raise ValueError(f"small_m must be an int >= 0, got {self.small_m!r}")
+        if self.conv not in CONV_IMPLS:
+            raise ValueError(f"policy conv must be one of {CONV_IMPLS}, got {self.conv!r}")
 
 
 REFERENCE = Policy()
@@ -124,6 +141,43 @@ def linear(node: Any, x: jax.Array) -> jax.Array:
     return execute(layer, x, REFERENCE)
 
 
+def conv(node: Any, x: jax.Array, geom: ConvGeometry) -> jax.Array:
+    """``y = conv layer(x)`` for whatever a conv module's params are (the float HWIO dict,
+    a :class:`FloatConv` / :class:`QConv`, or a :class:`Bound` one).
+    ``x [N, H, W, C_in]`` → ``[N, H', W', C_out]`` in ``x.dtype``."""
+    if isinstance(node, Bound):
+        return execute_conv(node.layer, x, geom, node.policy)
+    layer = as_layer(node)
+    if not isinstance(layer, (FloatConv, QConv)):
+        raise TypeError(f"not a conv layer: {type(node).__name__}")
+    return execute_conv(layer, x, geom, REFERENCE)
+
+
+def choose_conv(q: QConv, pol: Policy) -> str:
+    """The implementation of quantized conv ``q`` under ``pol``: "fake" (the reference) or
+    "int" (:meth:`QConv.conv_int`, ``pol.conv`` picking XLA's int8 conv or im2col + int8
+    dot), the latter in modes "integer" and "kernels" where the layer allows it (there is
+    no Pallas conv kernel: "kernels" takes the integer path)."""
+    if pol.mode == "reference" or not q.int_path_ok():
+        return "fake"
+    return "int"
+
+
+def execute_conv(layer: Any, x: jax.Array, geom: ConvGeometry, pol: Policy) -> jax.Array:
+    """Run one conv layer on ``x [N, H, W, C_in]`` under ``pol`` (output in ``x.dtype``)."""
+    if isinstance(layer, FloatConv):
+        return layer(x, geom)
+    if not isinstance(layer, QConv):
+        raise TypeError(f"execute_conv() runs conv layers, not {type(layer).__name__}")
+    if layer.act is not None:
+        layer.act.check_resolved()
+    if choose_conv(layer, pol) == "int":
+        y = layer.conv_int(x, geom, impl=pol.conv)
+    else:
+        y = layer.conv_fake(x, geom)
+    return y.astype(x.dtype)
+
+
 def _on_gpu() -> bool:
     return jax.default_backend() in ("gpu", "cuda")
 
@@ -144,9 +198,11 @@ def kernel_supported(q: QLinear) -> bool:
     per-group weights, K and N multiples of 128, one group size (a power of two ≥ 32)
     shared by weights and activations, a block-Hadamard rotation of a power-of-two block
     ≥ 16 (equal to the activation group if both are set)."""
-    if q.act is None or q.act.static:
+    if q.act is None or q.act.static or not isinstance(q.weight, QWeight):  # uniform codes only
         return False
     a, w = q.act.spec, q.weight.spec
+    if a.fmt != "int" or w.fmt != "int":  # FP8 layers: XLA's fp8 dot (the "int" path), not the int8 kernels
+        return False
     if a.granularity not in ("token", "group"):
         return False
     if not a.symmetric and (a.granularity != "token" or w.granularity != "channel"):
@@ -181,11 +237,53 @@ def choose(q: QLinear, rows: int, pol: Policy) -> str:
         return exact
     if q.act is None:
         return "weight_only"
+    if twinlog_kernel_supported(q):  # the twin-log GEMM at every M (its XLA int path is int32 × int32)
+        return "kernel"
     if not kernel_supported(q):
         return exact
     if rows <= pol.small_m and q.int_path_ok():
         return "int"
     return "kernel"
+
+
+def fuse_norm(node: Any, x_shape: tuple, batch: int) -> bool:
+    """Whether the linear ``node`` reading ``h = norm(x)·(1 + scale) + shift`` (``x_shape``
+    ``[..., K]``, ``batch`` modulation rows) takes the fused norm → quantize kernel
+    (:mod:`jaxdq.norm_linear`, :func:`pallas_kernels.norm_quantize.norm_quantize`) instead of
+    ``h`` then its own path.  Only a :class:`Bound` :class:`QLinear` under ``policy("kernels")``
+    (a GPU, or ``interpret``) with uniform or FP8 codes, dynamic symmetric per-token
+    activations and a kernel-block rotation (or none): int8 codes where :func:`choose` picks
+    "kernel" for these rows; FP8 (e4m3 weights and activations) above ``small_m`` rows.  The
+    kernel's row blocks must stay inside one sample (``supported``)."""
+    from pallas_kernels.norm_quantize import norm_quantize_config, supported
+
+    if not isinstance(node, Bound) or not isinstance(node.layer, QLinear):
+        return False
+    q, pol = node.layer, node.policy
+    if pol.mode != "kernels" or not pol.fuse_norm or not isinstance(q.weight, QWeight):  # not twin-log codes
+        return False
+    if q.act is None or q.act.static or q.act.t is not None:
+        return False
+    a, w = q.act.spec, q.weight.spec
+    if a.granularity != "token" or not a.symmetric:
+        return False
+    m = math.prod(x_shape[:-1])
+    if a.fmt == "int":
+        if choose(q, m, pol) != "kernel":
+            return False
+    elif (w.fmt != a.fmt or not q.int_path_ok() or not (pol.interpret or _on_gpu())
+          or m <= pol.small_m):  # FP8: XLA's fp8 dot (or the e4m3 wgmma) after the kernel
+        return False
+    k = q.in_features
+    if x_shape[-1] != k or m % batch:
+        return False
+    rot = q.transform.rotation
+    had = 0 if rot is None else getattr(rot, "kernel_block", 0)
+    if rot is not None and (had < 16 or had & (had - 1) or k % had):
+        return False
+    rank = q.transform.rank
+    cfg = norm_quantize_config(m, k, tokens=m // batch, dot=bool(had or rank))
+    return supported(m, k, m // batch, had_block=had, l1_rank=-(-rank // 16) * 16, block_m=cfg.block_m)
 
 
 def execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
@@ -203,7 +301,8 @@ def execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
         return forward(layer.transform, layer.bias, x, layer.product_int, jnp.float32)
     if impl == "weight_only":
         return _weight_only(layer, x)
-    y = _kernel_forward(layer, x.reshape(-1, layer.in_features), pol)
+    fwd = _kernel_forward if isinstance(layer.weight, QWeight) else _twinlog_kernel_forward
+    y = fwd(layer, x.reshape(-1, layer.in_features), pol)
     return y.reshape(*x.shape[:-1], layer.out_features).astype(x.dtype)
 
 
@@ -293,6 +392,56 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
     return y
 
 
+def twinlog_kernel_supported(q: QLinear) -> bool:
+    """Whether :mod:`pallas_kernels.twinlog_gemm` computes ``q``: a 4-bit packed
+    :class:`~jaxdq.quant.twinlog.TwinLogWeight`, dynamic symmetric per-token activations of
+    at most 8 bits, K a multiple of 16 and N of 128.  Any rotation (DuQuant, full-width
+    Hadamard) is applied before the quantize kernel (in XLA when the kernel cannot)."""
+    w = q.weight
+    if not isinstance(w, TwinLogWeight) or q.act is None or q.act.static:
+        return False
+    a = q.act.spec
+    return (w.bits == 4 and w.packed and a.symmetric and a.granularity == "token" and a.bits <= 8
+            and q.in_features % 16 == 0 and q.out_features % 128 == 0)
+
+
+# Jitted for the reason _kernel_forward is.
+@functools.partial(jax.jit, static_argnames=("pol",))
+def _twinlog_kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
+    """The twin-log kernel path on ``x2 [M, C_in]`` → bf16 ``[M, C_out]``: the input
+    transform and per-token quantization by the quantize kernel (a rotation it cannot
+    apply — DuQuant's, a full-width or large Hadamard — by XLA first), then the twin-log
+    GEMM decoding the log codes in registers (bf16 tensor-core dot, ``acc · s_x + bias``)."""
+    from pallas_kernels.quantize_act import quantize_act, quantize_config
+    from pallas_kernels.twinlog_gemm import kernel_table, twinlog_gemm, twinlog_gemm_config
+
+    m = x2.shape[0]
+    gcfg = twinlog_gemm_config(m, interpret=pol.interpret)
+    m_pad = -(-m // gcfg.block_m) * gcfg.block_m
+    if m_pad != m:  # zero rows quantize to zero codes and are sliced off
+        x2 = jnp.pad(x2, ((0, m_pad - m), (0, 0)))
+    t = q.transform
+    rot = t.rotation
+    had = 0 if rot is None else rot.kernel_block
+    smooth = t.smooth
+    xt = None  # T(x) when XLA applies the transform (the low-rank branch reads it too)
+    if rot is not None and not 16 <= had <= 128:  # not an in-kernel block Hadamard: rotate in XLA
+        xt = t.apply(x2.astype(jnp.float32))
+        x2, smooth, had = xt, None, 0
+    qcfg = quantize_config(m_pad, q.in_features, dot=bool(had), smooth=smooth is not None, grouped=False)
+    codes, sx = quantize_act(x2, bits=q.act.spec.bits, smooth=smooth, had_block=had,
+                             config=dataclasses.replace(qcfg, interpret=pol.interpret))[:2]
+    step, offset = kernel_table(*q.weight.params)
+    y = twinlog_gemm(codes, sx, q.weight.codes, step, offset, bias=q.bias, out_dtype=jnp.float32, config=gcfg)
+    if t.lowrank_a is not None:  # (x2 is already T(x) when XLA transformed it)
+        lr = t.lowrank(xt if xt is not None else t.apply(x2.astype(jnp.float32)))
+    else:
+        lr = None
+    if lr is not None:
+        y = y + lr
+    return y[:m].astype(jnp.bfloat16)
+
+
 def stored_for_kernels(params: Mapping) -> Mapping:
     """The same model with every quantized linear's codes stored K-major ("nk",
     ``[C_out, C_in]``), the layout the Hopper wgmma kernels read without a per-call
@@ -301,7 +450,7 @@ def stored_for_kernels(params: Mapping) -> Mapping:
     def relayout(_, layer):
         if isinstance(layer, Segmented):
             return layer.replace(variants=tuple(relayout(_, v) for v in layer.variants))
-        if isinstance(layer, QLinear):
+        if isinstance(layer, QLinear) and isinstance(layer.weight, QWeight):
             return layer.replace(weight=layer.weight.to_layout("nk"))
         return layer
 

@@ -37,15 +37,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxdq
-from jaxdq.quant.hadamard import BlockHadamard
-from jaxdq.quant.layers import (ActQuant, FloatLinear, InputTransform, QConv, QLinear, QWeight, Segmented,
+from jaxdq.quant.duquant import DuQuantRotation
+from jaxdq.quant.hadamard import BlockHadamard, FullHadamard
+from jaxdq.quant.layers import (ActQuant, FloatConv, FloatLinear, InputTransform, QConv, QLinear, QWeight, Segmented,
                                 get_path, set_path)
 from jaxdq.quant.quantizer import QuantSpec
+from jaxdq.quant.twinlog import TwinLogWeight
 
 FORMAT_VERSION = 2
 FILE_LIST = "jaxdq_files.json"
-NODE_TYPES = {c.__name__: c for c in (FloatLinear, QLinear, QConv, QWeight, ActQuant, InputTransform,
-                                      BlockHadamard, Segmented)}
+NODE_TYPES = {c.__name__: c for c in (FloatLinear, QLinear, FloatConv, QConv, QWeight, ActQuant, InputTransform,
+                                      BlockHadamard, FullHadamard, Segmented, TwinLogWeight, DuQuantRotation)}
 
 
 class CheckpointFormatError(ValueError):

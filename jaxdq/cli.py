@@ -61,6 +61,43 @@ def _add_model(p, default="default"):
                         "directory, or a PyTorch DiT checkpoint")
 
 
+def _seed_list(text: str) -> tuple:
+    """``"0,1,2"`` → ``(0, 1, 2)`` (distinct integers)."""
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are comma-separated integers: {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct and at least one: {text!r}")
+    return seeds
+
+
+def _devices(text: str):
+    if text == "all":
+        return text
+    return _positive_int(text)
+
+
+def _add_devices(p, shard: bool = False):
+    p.add_argument("--devices", type=_devices, default=None, metavar="N|all",
+                   help="run data parallel over N local devices (jax.sharding; the batch must divide over them)")
+    if shard:
+        p.add_argument("--shard", default="replicate", choices=("replicate", "fsdp", "tp"),
+                       help="with --devices: weights replicated, split FSDP-style (batch split too) or tensor "
+                            "parallel (heads / MLP columns over the devices, the batch whole)")
+
+
+def _mesh(args):
+    """The ``--devices``/``--shard`` mesh (:func:`jaxdq.distributed.mesh_for`), or None."""
+    if getattr(args, "devices", None) is None:
+        if getattr(args, "shard", "replicate") != "replicate":
+            raise ValueError("--shard needs --devices")
+        return None
+    from jaxdq.distributed import mesh_for
+
+    return mesh_for(None if args.devices == "all" else args.devices, getattr(args, "shard", "replicate"))
+
+
 def _add_calibration(p):
     p.add_argument("--calib-per-class", type=_positive_int, default=4, help="calibration samples per row")
     p.add_argument("--calib-steps", type=_positive_int, default=None,
@@ -104,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help=f"comma-separated, from {methods}")
     p.add_argument("--calib-per-class", type=_positive_int, default=2)
     _add_sampling(p, per_class=6)
+    _add_devices(p)
 
     p = sub.add_parser("compare", help="float vs every method from the same noise: metrics table (md + json) + PNG")
     _add_model(p)
@@ -111,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, from {methods}")
     p.add_argument("--calib-per-class", type=_positive_int, default=4)
     _add_sampling(p, per_class=10)
+    p.add_argument("--seeds", type=_seed_list, default=None, metavar="S1,S2,...",
+                   help="noise seeds (e.g. 0,1,2): every method sampled from each; metrics are mean ± 95%% "
+                        "interval (Student t) over them, per-seed values in compare.json (overrides --seed)")
+    p.add_argument("--keep-going", action="store_true",
+                   help="a method that fails is left out (its error in the notes) instead of ending the run")
+    _add_devices(p)
 
     p = sub.add_parser("convert", help="PyTorch checkpoint -> jaxdq (orbax) checkpoint")
     p.add_argument("path", help=".safetensors/.pt/.pth/.bin file or diffusers folder")
@@ -132,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help="collect what these methods need (default: everything any method needs)")
     _add_calibration(p)
+    _add_devices(p)
 
     for name, text in (("quantize", "quantize a model (calibrating first when the method needs it) and export it"),
                        ("export", "export a model (optionally quantized) as an orbax checkpoint")):
@@ -151,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--num-heads", type=_positive_int, default=None)
     _add_sampling(p, per_class=8)
+    _add_devices(p, shard=True)
 
     p = sub.add_parser("load", help="load a jaxdq checkpoint and print its metadata and layers")
     p.add_argument("path", help="a jaxdq checkpoint directory, or a shipped model name ('default', ...)")
@@ -192,7 +238,7 @@ def _cmd_calibrate(args):
     if model.quantized:
         raise ValueError(f"{args.model} is quantized ({model.metadata['method']}); calibrate a float model")
     req = calibration_request(model, per_class=args.calib_per_class, captions=args.captions)
-    calib = calibration(model, methods, request=req, num_steps=args.calib_steps, progress=True)
+    calib = calibration(model, methods, request=req, num_steps=args.calib_steps, progress=True, mesh=_mesh(args))
     if calib is None:
         raise ValueError(f"none of {', '.join(methods)} needs calibration")
     outputs.write_file(args.out, lambda tmp: save_stats(tmp, calib), force=args.force)
@@ -219,6 +265,12 @@ def _cmd_export(args):
                            progress=True)
     path = outputs.write_checkpoint(args.out, lambda tmp: save_model(tmp, model), force=args.force)
     print(f"wrote {path}  ({args.method}, {nbytes(model.params) / 1e6:.2f} MB of weights)")
+    if "ars" in (model.metadata.get("report") or {}):  # LRQ-DiT: the ARS paths (full table in the metadata)
+        from jaxdq.quant.duquant import format_report
+
+        lines = format_report(model).splitlines()
+        print("ARS (LRQ-DiT): " + lines[-1] + "; J ≥ τ layers:")
+        print("\n".join([lines[0]] + [ln for ln in lines[1:-1] if " duquant " in ln]))
 
 
 def _cmd_load(args):
@@ -251,16 +303,24 @@ def _cmd_sample(args):
     from jaxdq.viz import image_grid, write_png
 
     outputs.check_new_file(args.out, force=args.force)
+    mesh = _mesh(args)
     model = load_model(args.model, num_heads=args.num_heads)
     vae = load_model(args.vae) if args.vae else None
     fam = model.family
     batch = fam.batch(model.config, _request(args))
     for n in batch.notes:
         print(f"note: {n}", file=sys.stderr)
-    run = fam.sampler(model.config, solver=args.solver, num_steps=args.steps, guidance=args.cfg, progress=True)
+    params = model.params
+    if mesh is not None:
+        from jaxdq.distributed import check_batch, shard_params, to_host
+
+        check_batch(int(batch.x_T.shape[0]), mesh)
+        params = shard_params(params, mesh, args.shard, roles=model.roles)
+    run = fam.sampler(model.config, solver=args.solver, num_steps=args.steps, guidance=args.cfg, progress=True,
+                      mesh=mesh)
     t0 = time.time()
-    x0 = np.asarray(jax.block_until_ready(run(model.params, batch.x_T, batch.cond, batch.uncond,
-                                              jax.random.PRNGKey(args.seed + 1))))
+    x0 = jax.block_until_ready(run(params, batch.x_T, batch.cond, batch.uncond, jax.random.PRNGKey(args.seed + 1)))
+    x0 = to_host(x0) if mesh is not None else np.asarray(x0)
     imgs = _displayable(to_images(model, x0, vae))
     per = imgs.shape[0] // len(batch.rows)
     rows = [imgs[i * per:(i + 1) * per] for i in range(len(batch.rows))]
@@ -276,7 +336,8 @@ def _run_compare(args, methods):
     outputs.check_output_dir(args.out)
     res = run_compare(args.model, methods, classes=args.classes, prompts=args.prompt, captions=args.captions,
                       per_class=args.per_class, solver=args.solver, num_steps=args.steps, cfg_scale=args.cfg,
-                      seed=args.seed, calib_per_class=args.calib_per_class, vae=args.vae, out_dir=None)
+                      seed=args.seed, seeds=getattr(args, "seeds", None), calib_per_class=args.calib_per_class,
+                      vae=args.vae, out_dir=None, mesh=_mesh(args), keep_going=getattr(args, "keep_going", False))
     outputs.write_compare(args.out, res)
     print(markdown_table(res["results"]))
     for n in res["notes"]:

@@ -19,6 +19,7 @@ Users with real Inception/CLIP features pass their own ``extractor``
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -37,9 +38,20 @@ from jaxdq.quant.recipes import get_recipe
 from jaxdq.quantize import calibration, quantize_model
 from jaxdq.sampling.families import Request
 
-DEFAULT_METHODS = ("naive-w8a8", "qdiffusion-w8a8", "smoothquant-w8a8", "quarot-w8a8", "vidit-q-w8a8",
-                   "naive-w4a8", "qdiffusion-w4a8", "smoothquant-w4a8", "quarot-w4a8", "vidit-q-w4a8",
-                   "vidit-q-mp", "vidit-q-mp-static", "svdquant-w8a8", "svdquant-w4a8", "svdquant")
+#: The fair baselines, then ViDiT-Q's ablation (dynamic only; + smoothing; + rotation; + both =
+#: vidit-q, whose smoothing uses α = 0.3 on the momentum-averaged activation maximum, momentum
+#: 0.95, as ViDiT-Q's released configs: not searched), at W8A8 and W4A8; then ViDiT-Q-MP and SVDQuant.
+#: Baselines: ``rtn`` = ViDiT-Q's naive baseline (per-channel W, static per-tensor min-max A, one
+#: range over all steps), ``per-step-static`` (a static range per timestep), ``qdiffusion``
+#: (timestep-uniform calibration, one range, BRECQ + AdaRound), ``ptq4dit-csb`` (PTQ4DiT's
+#: channel balancing), ``smoothquant`` (α = 0.5).  Last the FP8 (e4m3) W8A8 pair.
+DEFAULT_METHODS = tuple(f"{m}-w{w}a8" for w in (8, 4) for m in (
+    "rtn", "per-step-static", "qdiffusion", "ptq4dit-csb", "smoothquant",
+    "dynamic", "vidit-q-smooth-only", "quarot", "vidit-q")) + (
+    "vidit-q-mp", "vidit-q-mp-static", "svdquant-w8a8", "svdquant-w4a8", "svdquant",
+    "fp8-w8a8", "vidit-q-fp8-w8a8")  # FP8 (e4m3) W8A8, plain and with ViDiT-Q's balancing
+#: The metrics of a row that are averaged over seeds (with a 95% interval).
+SEED_METRICS = ("psnr_db", "ssim", "fd_vs_float", "fd_vs_data", "class_agreement")
 DEMO_METHODS = ("w8a8", "w4a8", "naive")
 
 
@@ -63,18 +75,32 @@ def to_images(model: LoadedModel, x0: np.ndarray, vae: Optional[LoadedModel] = N
 
 
 def digits_model(model_source: str, images: np.ndarray) -> bool:
-    """jaxdq's own digits models, whose samples the digits classifier can score."""
-    return model_source in DEFAULT_SOURCES and images.shape[1:] == (1, 16, 16)
+    """jaxdq's own digits models, whose samples the digits classifier can score (grey 16×16
+    images, or larger grey video frames, scored on the 16×16 window around the digit)."""
+    return model_source in DEFAULT_SOURCES and images.shape[1] == 1 and min(images.shape[2:]) >= 16
 
 
 def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_METHODS, *,
                 classes: Optional[Sequence[int]] = None, prompts: Optional[Sequence[str]] = None,
                 captions: Optional[str] = None, per_class: int = 10, solver: Optional[str] = None,
                 num_steps: Optional[int] = None, cfg_scale: Optional[float] = None, seed: int = 0,
-                calib_per_class: int = 4, vae: Optional[str] = None, extractor=None,
+                seeds: Optional[Sequence[int]] = None, calib_per_class: int = 4, vae: Optional[str] = None,
+                extractor=None,
                 out_dir: Optional[str] = None, policy: Policy = REFERENCE, progress: bool = True,
-                model: Optional[LoadedModel] = None) -> dict:
+                model: Optional[LoadedModel] = None, mesh=None, keep_going: bool = False) -> dict:
     """Compare ``methods`` (and the float model) on one model; see module docstring.
+
+    ``mesh``: a ``jax.sharding.Mesh``: calibration and sampling data parallel over its
+    "data" axis (:mod:`jaxdq.distributed`; the batch must divide over it), same results.
+
+    ``seeds``: noise seeds (default ``(seed,)``).  Calibration (from ``seeds[0] + 1000``) and
+    quantization run once; every method is then sampled from each seed's noise and
+    conditioning and scored against the float samples of the same seed.  With several seeds a
+    row's metrics (:data:`SEED_METRICS`) are the means over seeds, ``row["per_seed"][metric]``
+    the values in seed order and ``row["ci95"][metric]`` the half-width of the 95% Student-t
+    interval of the mean (:func:`mean_ci95`); images (and the PNG) are the first seed's.
+    ``keep_going``: a method that raises is left out (its error in the notes) instead of
+    ending the comparison.
 
     Returns ``{"settings": ..., "results": [row per method], "images": {method: [N,C,H,W]},
     "notes": [...]}``; with ``out_dir`` also writes ``compare.md``, ``compare.json`` and
@@ -86,9 +112,15 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     if model.quantized:
         raise ValueError(f"compare needs a float model; {model_source} is quantized ({model.metadata['method']})")
     fam = model.family
+    seeds = (int(seed),) if seeds is None else tuple(int(s) for s in seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct and at least one: {seeds}")
+    seed = seeds[0]
     req = Request(classes=None if classes is None else tuple(classes), prompts=None if not prompts else tuple(prompts),
                   captions=captions, per_class=per_class, seed=seed)
     batch = fam.batch(model.config, req)
+    extra = [(fam.batch(model.config, dataclasses.replace(req, seed=s)), jax.random.PRNGKey(s + 1)) for s in seeds[1:]]
+    float_extra: list = []
     notes = list(batch.notes)
     vae_model = load_model(vae) if vae else None
     if is_latent(model) and vae_model is None:
@@ -96,7 +128,7 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     for n in notes:
         _log("note: " + n)
     run = fam.sampler(model.config, solver=solver, num_steps=num_steps, guidance=cfg_scale, policy=policy,
-                      progress=progress)
+                      progress=progress, mesh=mesh)
     key = jax.random.PRNGKey(seed + 1)
     calib = None
     if any(m != "float" and get_recipe(m).needs.any for m in methods):
@@ -104,14 +136,21 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
         creq = Request(classes=req.classes, prompts=req.prompts, captions=captions, per_class=calib_per_class,
                        seed=seed + 1000)
         calib = calibration(model, methods, request=creq, solver=solver, num_steps=num_steps, guidance=cfg_scale,
-                            progress=progress)
+                            progress=progress, mesh=mesh)
     images0 = None
     real_feats = None
     rows, images = [], {}
     for name in ["float"] + list(methods):
         _log(f"[{name}] quantizing" if name != "float" else "[float] sampling")
         t0 = time.time()
-        m = quantize_model(model, name, calib=calib, progress=progress)
+        try:
+            m = quantize_model(model, name, calib=calib, progress=progress)
+        except Exception as e:  # noqa: BLE001 -- keep_going: report it, compare the rest
+            if not keep_going or name == "float":
+                raise
+            notes.append(f"{name} failed and is left out: {type(e).__name__}: {e}")
+            _log("  " + notes[-1])
+            continue
         tq = time.time() - t0
         t0 = time.time()
         x0 = np.asarray(jax.block_until_ready(run(m.params, batch.x_T, batch.cond, batch.uncond, key)))
@@ -127,12 +166,26 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
         images[name] = img
         rows.append(_score(name, img, None if name == "float" else images["float"], batch, extractor, real_feats,
                            m, tq, ts))
-        _log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in ("description", "method")))
+        if extra:
+            per = [rows[-1]]
+            for i, (b, k) in enumerate(extra):
+                t0 = time.time()
+                xs = np.asarray(jax.block_until_ready(run(m.params, b.x_T, b.cond, b.uncond, k)))
+                ts = time.time() - t0
+                im = to_images(model, xs, vae_model)
+                if name == "float":
+                    float_extra.append(im)
+                per.append(_score(name, im, None if name == "float" else float_extra[i], b, extractor, real_feats,
+                                  m, tq, ts))
+            rows[-1] = _over_seeds(per)
+        _log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()
+                              if k not in ("description", "method", "per_seed")))
     for r in rows:
         r["compression_vs_fp32"] = round(rows[0]["weight_bytes"] / r["weight_bytes"], 2)
     settings = {"model": model_source, "family": model.arch, "solver": solver or fam.solver,
                 "steps": num_steps or fam.steps, "cfg": fam.guidance if cfg_scale is None else cfg_scale,
-                "seed": seed, "rows": batch.rows, "per_class": per_class, "calib_per_class": calib_per_class,
+                "seed": seed, "seeds": list(seeds), "rows": batch.rows,
+                "per_class": per_class, "calib_per_class": calib_per_class,
                 "policy": policy.mode,
                 "extractor": None if extractor is None else (
                     "digits classifier (in-project)" if real_feats is not None else type(extractor).__name__)}
@@ -147,7 +200,13 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
 
 def _score(name, img, ref, batch, extractor, real_feats, m, tq, ts) -> dict:
     labels = None if batch.labels is None else np.repeat(batch.labels, img.shape[0] // batch.size)
-    if extractor is not None:
+    if extractor is not None and real_feats is not None and img.shape[1:] != (1, 16, 16):
+        from jaxdq.data import ink_crop  # moving-digit frames: FD / agreement on the digit's window
+
+        ev = metrics.evaluate(ink_crop(img), None if ref is None else ink_crop(ref), labels, extractor=extractor)
+        ev["psnr_db"] = None if ref is None else metrics.psnr(img, ref, 2.0)
+        ev["ssim"] = None if ref is None else _ssim(img, ref, 2.0)
+    elif extractor is not None:
         ev = metrics.evaluate(img, ref, labels, extractor=extractor)
     else:  # no feature network for this model: fidelity metrics only
         ev = {"psnr_db": None if ref is None else metrics.psnr(img, ref, data_range=_range(ref)),
@@ -160,7 +219,37 @@ def _score(name, img, ref, batch, extractor, real_feats, m, tq, ts) -> dict:
            "class_agreement": _r(ev["class_agreement"], 3),
            "weight_bytes": nbytes(m.params), "quantize_s": round(tq, 1), "sample_s": round(ts, 1)}
     if real_feats is not None:
-        row["fd_vs_data"] = _r(metrics.frechet_distance(np.asarray(extractor(img)), real_feats), 3)
+        from jaxdq.data import ink_crop
+
+        crop = img if img.shape[1:] == (1, 16, 16) else ink_crop(img)
+        row["fd_vs_data"] = _r(metrics.frechet_distance(np.asarray(extractor(crop)), real_feats), 3)
+    return row
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    """Mean and the half-width of its two-sided 95% Student-t interval,
+    ``t_{0.975, n-1} · sd / sqrt(n)`` (sd with ``n − 1``); half-width None for one value."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return float(v.mean()), None
+    from scipy.stats import t as student_t
+
+    return float(v.mean()), float(student_t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+
+
+def _over_seeds(per: Sequence[dict]) -> dict:
+    """One row from the rows of several seeds: :data:`SEED_METRICS` as mean, ``ci95`` and
+    ``per_seed``; ``sample_s`` the mean; the rest from the first seed's row."""
+    row = dict(per[0])
+    row["per_seed"], row["ci95"] = {}, {}
+    for k in SEED_METRICS:
+        vals = [r.get(k) for r in per]
+        if k not in row or any(v is None for v in vals):
+            continue
+        mean, half = mean_ci95(vals)
+        nd = 4 if k == "ssim" else 3 if k in ("fd_vs_float", "fd_vs_data", "class_agreement") else 2
+        row[k], row["ci95"][k], row["per_seed"][k] = round(mean, nd), round(half, nd + 1), list(vals)
+    row["sample_s"] = round(float(np.mean([r["sample_s"] for r in per])), 1)
     return row
 
 
@@ -196,12 +285,13 @@ def markdown_table(rows: Sequence[dict]) -> str:
     head += ["FD vs data"] if has_data else []
     head += ["class agreement", "weight bytes", "vs FP32"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
-    fmt = lambda v, f="{}": "—" if v is None else f.format(v)  # noqa: E731
-    for r in rows:
-        cells = [r["method"], r["bits"], fmt(r["psnr_db"], "{:.2f}"), fmt(r["ssim"], "{:.4f}"),
-                 fmt(r["fd_vs_float"], "{:.3f}")]
-        cells += [fmt(r.get("fd_vs_data"), "{:.3f}")] if has_data else []
-        cells += [fmt(r["class_agreement"], "{:.3f}"), f"{r['weight_bytes']:,}", f"{r['compression_vs_fp32']:.2f}×"]
+    for r in rows:  # with several seeds: mean ± half-width of the 95% interval
+        ci = r.get("ci95") or {}
+        fmt = lambda k, f: "—" if r.get(k) is None else f.format(r[k]) + (  # noqa: E731
+            "" if ci.get(k) is None else " ± " + f.format(ci[k]))
+        cells = [r["method"], r["bits"], fmt("psnr_db", "{:.2f}"), fmt("ssim", "{:.4f}"), fmt("fd_vs_float", "{:.3f}")]
+        cells += [fmt("fd_vs_data", "{:.3f}")] if has_data else []
+        cells += [fmt("class_agreement", "{:.3f}"), f"{r['weight_bytes']:,}", f"{r['compression_vs_fp32']:.2f}×"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

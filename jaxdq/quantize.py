@@ -30,15 +30,16 @@ def calibration_request(model: LoadedModel, per_class: int = 4, seed: int = CALI
 
 def calibration(model: LoadedModel, methods: Sequence[str], *, request: Optional[Request] = None,
                 solver: Optional[str] = None, num_steps: Optional[int] = None, guidance: Optional[float] = None,
-                progress: bool = False) -> Optional[dict]:
-    """One calibration serving every recipe of ``methods`` (None if none needs one)."""
+                progress: bool = False, mesh=None) -> Optional[dict]:
+    """One calibration serving every recipe of ``methods`` (None if none needs one);
+    ``mesh``: data parallel over a ``jax.sharding.Mesh`` (:func:`jaxdq.calibrate.calibrate`)."""
     needs = needs_of(methods)
     if not needs.any:
         return None
     request = request or calibration_request(model)
     batch = model.family.batch(model.config, request)
     return calibrate(model, batch, solver=solver, num_steps=num_steps, guidance=guidance, samples=needs.samples,
-                     keep_inputs=needs.trajectory, progress=progress, seed=request.seed + 1)
+                     keep_inputs=needs.trajectory, progress=progress, seed=request.seed + 1, mesh=mesh)
 
 
 def quantize_model(model: LoadedModel, method: str, *, calib: Optional[dict] = None,
@@ -65,7 +66,7 @@ def quantize_model(model: LoadedModel, method: str, *, calib: Optional[dict] = N
     elif calib is not None and recipe.needs.any:
         check_calibration(calib, model, recipe)
     ctx = Context(roles=model.roles, calib=calib, eps=model.family.eps_fn(model.config), options=options,
-                  progress=progress)
+                  progress=progress, model=model)
     params, report = recipe.build(model.params, ctx)
     meta = dict(model.metadata, method=recipe.name, bits=recipe.bits)
     if report:

@@ -147,7 +147,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     are zero-padded to the CTA tile inside and the output sliced back).
 
     Args:
-      xq: int8 ``[M, K]`` activation codes (8- or 4-bit values).
+      xq: int8 ``[M, K]`` activation codes (8- or 4-bit values), or float8_e4m3fn codes (FP8
+        W8A8: ``wt`` float8_e4m3fn ``[N, K]`` too, per-token × per-channel scales, no zero
+        points; ``wgmma ... .f32.e4m3.e4m3`` into an f32 accumulator, the same epilogue).
       wt: the weight codes K-major, ``[N, K]``: int8, or ``jnp.int4`` (two codes per
         byte in memory; unpacked to int8 in the kernel, see below).
       sx: f32 per-token scales ``[M]``, or ``[M, G]`` per (token, group of K/G channels).
@@ -199,6 +201,11 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     groups = max(sx.shape[1] if sx.ndim == 2 else 1, sw.shape[0] if sw.ndim == 2 else 1)
     grouped = groups > 1
     has_zero = x_zero is not None
+    # FP8 W8A8: float8_e4m3fn operands, an f32 accumulator (wgmma ... .f32.e4m3.e4m3), the same epilogue
+    fp8 = xq.dtype == jnp.float8_e4m3fn
+    if fp8 and (wt.dtype != jnp.float8_e4m3fn or grouped or has_zero):
+        raise ValueError("FP8 operands: e4m3 activations and weights, per-token × per-channel scales, no zero points")
+    code_dt = jnp.float8_e4m3fn if fp8 else jnp.int8
     has_gate, has_res = gate is not None, residual is not None
     if has_zero:
         if grouped:
@@ -288,7 +295,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
             if has_lr else None,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
             w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 else None,
-            tr_smem=(plgpu.SMEM((2, tile_k, tile_n), jnp.int8), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
+            tr_smem=(plgpu.SMEM((2, tile_k, tile_n), code_dt), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
             if interpret else None,
             collective_axes="wg")
         def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem, tr_smem):
@@ -376,7 +383,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
 
                 if not grouped:
                     def compute_context(eval_pipeline):
-                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.int32))
+                        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(shape, jnp.float32 if fp8 else jnp.int32))
                         def _acc_scope(acc_ref):
                             start_lowrank_loads()
                             eval_pipeline(acc_ref)

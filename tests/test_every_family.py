@@ -2,7 +2,10 @@
 
 For PixArt, Latte, FLUX and UNet2D the test writes a tiny random diffusers checkpoint itself
 (``save_pretrained``), converts it (``jaxdq convert``), quantizes it with each calibrating recipe
-(``jaxdq quantize``: naive, the per-step static one, smoothquant, vidit-q, vidit-q-mp, svdquant),
+(``jaxdq quantize``: naive-pertensor, per-step-static, rtn, qdiffusion and tfmq-dm — the last two
+with BRECQ/TIAR reconstruction at 2 iterations: on the transformers the reconstruction unit is each
+``blocks_i`` / ``transformer_blocks_i`` module, :data:`jaxdq.quant.reconstruct.BLOCK_RE` — smoothquant,
+vidit-q, vidit-q-mp, svdquant),
 samples from the result (``jaxdq sample``), and checks the precision rules by role: the first and
 last layers (roles ``embedding``/``final``) stay float everywhere; SVDQuant keeps the embedders,
 time embedding and cross-attention K/V float and quantizes adaLN weight-only.
@@ -18,11 +21,15 @@ diffusers = pytest.importorskip("diffusers", reason="diffusers builds the tiny d
 from _torch_init import randomize_, tiny_diffusers  # noqa: E402
 from jaxdq.cli import main  # noqa: E402
 from jaxdq.models.sources import load_model  # noqa: E402
-from jaxdq.quant.layers import FloatLinear, QLinear, Segmented, iter_layers  # noqa: E402
+from jaxdq.quant.layers import FloatConv, FloatLinear, QConv, QLinear, Segmented, iter_layers  # noqa: E402
 from jaxdq.quant.rules import role_matches  # noqa: E402
 from jaxdq.viz import read_png  # noqa: E402
 
-RECIPES = ("naive-w8a8", "qdiffusion-w8a8", "smoothquant-w8a8", "vidit-q-w8a8", "vidit-q-mp", "svdquant")
+#: The reconstruction recipes with tiny iteration counts (the path runs; its numbers are
+#: tested in test_reconstruct.py / test_tfmq.py).
+RECON = "@iters=2@per_step=1@steps_per_call=2"
+RECIPES = ("naive-pertensor-w8a8", "per-step-static-w8a8", "rtn-w8a8", "qdiffusion-w8a8" + RECON,
+           "tfmq-dm-w4a8" + RECON, "smoothquant-w8a8", "vidit-q-w8a8", "vidit-q-mp", "svdquant")
 FAST = ["--calib-per-class", "1", "--calib-steps", "3"]
 
 
@@ -36,7 +43,14 @@ def _check_roles(method, model):
     assert set(layers) == set(roles)
     for path, layer in layers.items():
         role = roles[path]
-        is_float = isinstance(layer, FloatLinear)
+        is_float = isinstance(layer, (FloatLinear, FloatConv))
+        if isinstance(layer, (FloatConv, QConv)):  # UNet convs: quantized by the UNet PTQ recipes only
+            if role_matches("embedding", role) or role_matches("final", role) or not method.startswith(
+                    ("rtn-", "qdiffusion-", "tfmq-dm-", "brecq-", "naive-pertensor-", "per-step-static-")):
+                assert is_float, (method, path, role)
+            else:
+                assert isinstance(layer, QConv) and layer.act is not None, (method, path, role)
+            continue
         if role_matches("embedding", role) or role_matches("final", role):
             assert is_float, (method, path, role)
             continue
@@ -53,9 +67,13 @@ def _check_roles(method, model):
             assert isinstance(layer, (QLinear, Segmented)), (path, role)
             continue
         assert isinstance(layer, QLinear) and layer.act is not None and layer.act.spec.bits == 8, (method, path)
-        if method == "qdiffusion-w8a8":
+        if method == "per-step-static-w8a8":
             assert layer.act.t is not None and layer.act.scale.shape == layer.act.t.shape
-        if method == "naive-w8a8":
+        if method.startswith(("rtn-", "qdiffusion-")):  # one range over all steps
+            assert layer.act.static and layer.act.t is None and layer.weight.spec.granularity == "channel"
+        if method.startswith("tfmq-dm-"):  # FSC: per-timestep ranges on the temporal information block only
+            assert layer.weight.spec.bits == 4 and (layer.act.t is not None) == (role == "time-embedding"), path
+        if method == "naive-pertensor-w8a8":
             assert layer.act.static and layer.weight.spec.granularity == "tensor"
         if method == "vidit-q-w8a8":
             assert layer.transform.smooth is not None and layer.transform.rotation is not None

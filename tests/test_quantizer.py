@@ -303,7 +303,7 @@ def test_zero_rows_among_nonzero():
     dict(bits=1), dict(bits=9), dict(bits=4.0), dict(bits=True),
     dict(granularity="group"), dict(granularity="group", group_size=0),
     dict(granularity="channel", group_size=8), dict(granularity="row"),
-    dict(range="percentile"), dict(mse_grid=0), dict(mse_min_ratio=0.0), dict(mse_min_ratio=1.5),
+    dict(range="quantile"), dict(mse_grid=0), dict(mse_min_ratio=0.0), dict(mse_min_ratio=1.5),
     dict(symmetric="yes"),
 ], ids=str)
 def test_bad_specs_raise(kwargs):
@@ -423,3 +423,78 @@ def test_packed_4bit_weight_roundtrip():
         q, s, z = quantize_weight(jnp.asarray(w), spec)
         back = unpack_int4(pack_int4(q), signed=sym)
         np.testing.assert_array_equal(np.asarray(back), np.asarray(q))
+
+
+# ---------------------------------------------------------------- percentile range
+
+
+def ref_percentile_params(x, spec, kind):
+    """float64 NumPy qparams of the percentile range (np.percentile, linear interpolation)."""
+    x = np.asarray(x, np.float64)
+    g, p = spec.group_size, spec.percentile
+    if spec.granularity == "tensor":
+        view, axes = x, tuple(range(x.ndim))
+    elif spec.granularity == "channel":
+        view, axes = x, (0,)
+    elif spec.granularity == "token":
+        view, axes = x, (x.ndim - 1,)
+    elif kind == "weight":
+        view, axes = x.reshape(x.shape[0] // g, g, x.shape[1]), (1,)
+    else:
+        view, axes = x.reshape(x.shape[:-1] + (x.shape[-1] // g, g)), (x.ndim,)
+    keep = spec.granularity in ("channel", "token")
+    qmin, qmax = ref_qrange(spec.bits, spec.symmetric)
+    if spec.symmetric:
+        amax = np.percentile(np.abs(view), p, axis=axes, keepdims=keep)
+        return np.maximum(amax / qmax, FLOOR), None
+    lo = np.minimum(np.percentile(view, 100 - p, axis=axes, keepdims=keep), 0.0)
+    hi = np.maximum(np.percentile(view, p, axis=axes, keepdims=keep), 0.0)
+    s = np.maximum((hi - lo) / qmax, FLOOR)
+    return s, np.clip(np.round(-lo / s), qmin, qmax)
+
+
+@pytest.mark.parametrize("kind,gran,g", [("weight", "tensor", None), ("weight", "channel", None),
+                                         ("weight", "group", 8), ("activation", "tensor", None),
+                                         ("activation", "token", None), ("activation", "group", 16)])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("p", [99.0, 90.0, 100.0])
+def test_percentile_range_equals_numpy(kind, gran, g, symmetric, p):
+    rng = np.random.default_rng(int(p) + 7 * symmetric)
+    shape = (64, 6) if kind == "weight" else (3, 5, 64)
+    x = rng.standard_t(3, size=shape).astype(np.float32) + (0.5 if not symmetric else 0.0)
+    spec = QuantSpec(bits=4, symmetric=symmetric, granularity=gran, group_size=g, range="percentile", percentile=p)
+    s, z = compute_qparams(jnp.asarray(x), spec, kind=kind)
+    s_ref, z_ref = ref_percentile_params(x, spec, kind)
+    np.testing.assert_allclose(np.asarray(s), s_ref, rtol=1e-5)  # float32 interpolation
+    if symmetric:
+        assert z is None
+    else:
+        np.testing.assert_array_equal(np.asarray(z), z_ref)
+    if p == 100.0:  # the 100th percentile is min-max
+        mm = compute_qparams(jnp.asarray(x), dataclasses.replace(spec, range="minmax"), kind=kind)
+        np.testing.assert_allclose(np.asarray(s), np.asarray(mm[0]), rtol=1e-6)
+    else:  # a narrower range: values beyond it clamp to the end codes
+        q = np.asarray(quantize(jnp.asarray(x), s, z, spec, kind=kind))
+        qmin, qmax = ref_qrange(spec.bits, symmetric)
+        assert q.min() >= qmin and q.max() <= qmax
+        assert (q == qmax).mean() > 0
+
+
+def test_percentile_clips_an_outlier_and_ignores_non_finite():
+    x = np.linspace(-1.0, 1.0, 1001).astype(np.float32)
+    x[500] = 1000.0
+    spec = QuantSpec(bits=8, granularity="tensor", range="percentile", percentile=99.0)
+    s, _ = compute_qparams(jnp.asarray(x), spec, kind="activation")
+    assert float(s) == pytest.approx(np.percentile(np.abs(x.astype(np.float64)), 99.0) / 127, rel=1e-6)
+    assert float(s) < 0.01  # min-max would give 1000 / 127
+    y = x.copy()
+    y[3] = np.nan
+    y[4] = np.inf
+    out = np.asarray(fake_quant(jnp.asarray(y), spec, kind="activation"))
+    assert np.isnan(out[3]) and out[4] == np.inf and np.isfinite(np.delete(out, [3, 4])).all()
+
+
+@pytest.mark.parametrize("bad", [50.0, 0.0, 100.5, True, "99"])
+def test_percentile_validation(bad):
+    with pytest.raises(ValueError, match="percentile"):
+        QuantSpec(range="percentile", percentile=bad)

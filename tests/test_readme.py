@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
 
@@ -33,3 +36,51 @@ def test_library_example_runs_and_its_checkpoint_loads(tmp_path):
                        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert '"bits": "W4/8A8"' in r.stdout and "W4A16" in r.stdout and "W8A8" in r.stdout
+
+
+T975_2 = 4.302652729911275  # Student t quantile 0.975 with 2 degrees of freedom (tables)
+
+
+def _row(method, bits, psnr_seeds):
+    v = np.asarray(psnr_seeds, np.float64)
+    half = T975_2 * v.std(ddof=1) / np.sqrt(3)
+    return {"method": method, "bits": bits, "psnr_db": round(float(v.mean()), 2), "ssim": None,
+            "fd_vs_float": None, "class_agreement": None, "weight_bytes": 10, "compression_vs_fp32": 1.0,
+            "ci95": {"psnr_db": round(float(half), 3)}, "per_seed": {"psnr_db": list(psnr_seeds)}}
+
+
+def test_intervals_are_shown_and_orderings_stated_only_where_they_separate():
+    """mean_ci95 is the Student-t interval; the table shows ``mean ± half``; the generated ordering
+    names as 'separated below' exactly the methods whose interval lies below the best one's."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import readme_tables
+    from jaxdq.compare import mean_ci95
+
+    m, h = mean_ci95([40.0, 41.0, 42.5])
+    v = np.array([40.0, 41.0, 42.5])
+    assert m == pytest.approx(v.mean()) and h == pytest.approx(T975_2 * v.std(ddof=1) / np.sqrt(3), rel=1e-9)
+    assert mean_ci95([3.0])[1] is None
+    seeds = {"a": [40.0, 40.4, 39.9], "b": [39.6, 40.3, 39.8], "c": [38.0, 38.2, 37.9], "d": [39.0, 41.0, 35.0],
+             "e": [30.0, 30.1, 30.3]}
+    rows = [{"method": "float", "bits": "W32A32", "psnr_db": None, "ssim": None, "fd_vs_float": None,
+             "class_agreement": None, "weight_bytes": 40, "compression_vs_fp32": 1.0}]
+    rows += [_row(k, "W8A8", s) for k, s in seeds.items() if k != "e"] + [_row("e", "W4A8", seeds["e"])]
+    d = {"settings": {"seeds": [0, 1, 2]}, "results": rows}
+    table = readme_tables.RENDERERS["compare"](d)
+    assert f"| a | W8A8 | {rows[1]['psnr_db']:.2f} ± {rows[1]['ci95']['psnr_db']:.2f} |" in table
+    assert "over 3 noise seeds" in table
+    text = readme_tables.RENDERERS["compare-order"](d)
+    line = next(ln for ln in text.splitlines() if "W8A8, PSNR" in ln)
+    lo = {k: np.mean(s) - T975_2 * np.std(s, ddof=1) / np.sqrt(3) for k, s in seeds.items()}
+    hi = {k: np.mean(s) + T975_2 * np.std(s, ddof=1) / np.sqrt(3) for k, s in seeds.items()}
+    best = max("abcd", key=lambda k: np.mean(seeds[k]))
+    below = {k for k in "abcd" if lo[best] > hi[k]}
+    assert below == {"c"}  # the fixture: b and d overlap the best's interval, c does not
+    assert line.startswith(f"- **W8A8, PSNR**: best mean {best} ")
+    stated_below = line.split("separated from it and worse: ")[1]
+    stated_top = line.split("not separated from it: ")[1].split(";")[0]
+    assert {k for k in "abcd" if f"{k} (" in stated_below} == below
+    assert set(stated_top.split(", ")) == set("abcd") - below - {best}
+    assert "W4A8, PSNR" not in text  # one method at W4A8: nothing to order
+    single = {"settings": {"seeds": [0]}, "results": [dict(r, ci95={}) for r in rows]}
+    assert "no ordering" in readme_tables.RENDERERS["compare-order"](single)

@@ -70,11 +70,11 @@ def test_matches_float64_reference(bits, underflow, search, seed):
     w = weights(seed, tail="t" if seed % 2 else "normal")
     spec = tl.TwinLogSpec(bits=bits, search=search, zero_underflow=underflow, **SMALL)
     tw = tl.quantize_twinlog(w, spec)
-    codes, amb = ref_encode(w, *tw[1:], bits, underflow)
+    codes, amb = ref_encode(w, *tw.params, bits, underflow)
     got = np.asarray(tw.codes, np.int64)
     assert amb.mean() < 0.01
     np.testing.assert_array_equal(got[~amb], codes[~amb])
-    np.testing.assert_allclose(np.asarray(tl.decode(tw)), ref_eq7(got, *tw[1:]), rtol=2e-6, atol=0)
+    np.testing.assert_allclose(np.asarray(tl.decode(tw)), ref_eq7(got, *tw.params), rtol=2e-6, atol=0)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -101,7 +101,7 @@ def test_zeros(underflow):
     spec = tl.TwinLogSpec(bits=3, zero_underflow=underflow, **SMALL)
     tw = tl.quantize_twinlog(w, spec)
     wf = np.asarray(tl.decode(tw))
-    assert np.all(np.isfinite(wf)) and all(np.all(np.isfinite(np.asarray(p))) for p in tw[1:])
+    assert np.all(np.isfinite(wf)) and all(np.all(np.isfinite(np.asarray(p))) for p in tw.params)
     assert np.all(np.asarray(tw.codes)[:, 0] == 0) and np.all(wf[:, 0] == 0)
     assert wf[5, 2] == 0 and wf[9, 3] == 0
     assert np.all(wf[:, 1] >= 0)
@@ -193,7 +193,8 @@ def test_jit():
     spec = tl.TwinLogSpec(bits=3, **SMALL)
     eager = tl.quantize_twinlog(w, spec)
     jitted = jax.jit(tl.quantize_twinlog, static_argnames="spec")(jnp.asarray(w), spec)
-    for a, b in zip(eager, jitted):
+    assert jax.tree_util.tree_structure(eager) == jax.tree_util.tree_structure(jitted)
+    for a, b in zip(jax.tree_util.tree_leaves(eager), jax.tree_util.tree_leaves(jitted)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -203,7 +204,7 @@ def test_jit():
 @pytest.mark.parametrize("frac_bits", [0, 2, 4, 8])
 def test_int_form_weight_bound(frac_bits):
     tw = tl.quantize_twinlog(weights(7, tail="t"), tl.TwinLogSpec(bits=4, **SMALL))
-    wf = ref_eq7(np.asarray(tw.codes), *tw[1:])
+    wf = ref_eq7(np.asarray(tw.codes), *tw.params)
     iw = tl.int_form(tw, frac_bits)
     approx = np.asarray(iw.w_int, np.float64) * 2.0 ** np.asarray(iw.shift, np.float64)
     nz = wf != 0
@@ -227,7 +228,7 @@ def test_int_matmul_matches_fake_quant_to_bound(frac_bits):
     assert tl.int_accumulation_exact(iw)
     y_int = np.asarray(tl.twinlog_int_matmul(xq, xs, iw), np.float64)
     x_hat = np.asarray(xq, np.float64) * np.asarray(xs, np.float64)
-    wf = ref_eq7(np.asarray(tw.codes), *tw[1:])
+    wf = ref_eq7(np.asarray(tw.codes), *tw.params)
     y_fq = x_hat @ wf                                          # float64 fake-quant path
     scale = np.abs(x_hat) @ np.abs(wf)
     bound = 2.0 ** (-frac_bits - 1) * scale

@@ -19,7 +19,7 @@ from converters.dit import ConversionError  # noqa: E402
 from converters.unet import convert_unet, expected_keys  # noqa: E402
 from jaxdq.models.unet import (TIME_EMBEDDING_PATTERN, UNET_CONFIGS, UNet, UNetConfig, layer_roles,  # noqa: E402
                                unet_config, unet_param_shapes)
-from jaxdq.nn import Linear  # noqa: E402
+from jaxdq.nn import Conv, Linear  # noqa: E402
 
 TOL = 1e-4
 SIZE, TOKENS, CROSS = 16, 8, 32
@@ -161,11 +161,11 @@ def test_unsupported_config_is_refused():
 
 
 def _called_roles(cfg, params, *args) -> dict:
-    """``{path: role}`` of every Linear the forward pass calls."""
+    """``{path: role}`` of every Linear and Conv the forward pass calls."""
     seen = {}
 
     def record(next_fun, args_, kwargs, context):
-        if isinstance(context.module, Linear):
+        if isinstance(context.module, (Linear, Conv)):
             seen["/".join(context.module.path)] = context.module.role
         return next_fun(*args_, **kwargs)
 
@@ -189,6 +189,12 @@ def test_layer_roles_match_the_modules_and_select_temporal_layers():
     assert called["up_blocks_1/attentions_1/transformer_blocks_0/attn1/to_out_0"] == "self-attn"
     assert called["mid_block/attentions_0/transformer_blocks_0/ff/net_0/proj"] == "ffn"
     assert called["down_blocks_0/attentions_0/proj_in"] == "other"
+    # convs: first and last kept for the float rule, the rest selectable by role "conv"
+    assert called["conv_in"] == "embedding" and called["conv_out"] == "final"
+    assert called["down_blocks_0/resnets_0/conv1"] == "conv" and called["up_blocks_1/resnets_0/conv2"] == "conv"
+    assert called["up_blocks_1/resnets_0/conv_shortcut"] == "conv:shortcut"
+    assert called["down_blocks_0/downsamplers_0/conv"] == "conv:resample"
+    assert called["up_blocks_0/upsamplers_0/conv"] == "conv:resample"
 
 
 def test_unet2d_roles():
@@ -196,7 +202,9 @@ def test_unet2d_roles():
     roles = layer_roles(cfg)
     assert roles["down_blocks_1/attentions_0/to_q"] == "self-attn"
     assert roles["mid_block/resnets_1/time_emb_proj"] == "time-embedding"
-    assert set(roles.values()) == {"self-attn", "time-embedding"}
+    assert roles["conv_in"] == "embedding" and roles["conv_out"] == "final"
+    assert set(roles.values()) == {"self-attn", "time-embedding", "embedding", "final", "conv", "conv:shortcut",
+                                   "conv:resample"}
 
 
 # ---------------------------------------------------------------------------------- released configs

@@ -116,8 +116,13 @@ def test_sd_vae_key_layout_matches_diffusers():
     assert expected_keys(vae_param_shapes(SD_VAE)) == ref
     assert sum(int(np.prod(s)) for s in ref.values()) == 83_653_863
     roles = layer_roles(SD_VAE)
-    assert roles == {f"{part}/mid_block/attentions_0/{n}": "self-attn"
-                     for part in ("encoder", "decoder") for n in ("to_q", "to_k", "to_v", "to_out_0")}
+    linears = {p: r for p, r in roles.items() if not p.endswith(("conv", "conv1", "conv2", "conv_shortcut",
+                                                                   "conv_in", "conv_out", "quant_conv"))}
+    assert linears == {f"{part}/mid_block/attentions_0/{n}": "self-attn"
+                       for part in ("encoder", "decoder") for n in ("to_q", "to_k", "to_v", "to_out_0")}
+    convs = {p: r for p, r in roles.items() if p not in linears}
+    assert len(convs) == sum(k.endswith(".weight") and len(v) == 4 for k, v in ref.items())
+    assert set(convs.values()) == {"other"}  # the VAE's convs: no recipe's conv rule selects them
 
 
 def test_unsupported_vae_config_is_refused():

@@ -7,6 +7,7 @@ import pytest
 from jaxdq.calibrate import calibrate, load_stats, pool_stats, save_stats
 from jaxdq.models.sources import load_model, save_model
 from jaxdq.quant import mixed_precision as mp
+from jaxdq.quant.hadamard import FullHadamard
 from jaxdq.quant.layers import FloatLinear, QLinear, get_path, iter_layers
 from jaxdq.quant.quantizer import QuantSpec
 from jaxdq.quant.recipes import Context, get_recipe, vidit_q_balance
@@ -64,7 +65,12 @@ def test_channel_balancing_leaves_the_float_model_unchanged(model, calib):
     bal = vidit_q_balance(model.params, pool_stats(calib), sel)
     layer = get_path(bal, "blocks_3/mlp/fc2")
     assert isinstance(layer, FloatLinear) and layer.transform.smooth is not None
-    assert layer.transform.rotation.block == 512
+    assert layer.transform.rotation == FullHadamard(512)
+    # the smoothing reads the momentum-averaged maximum with α = 0.3 (ViDiT-Q's released configs)
+    st = pool_stats(calib)["blocks_3"]["mlp"]["fc2"]
+    w = np.asarray(model.params["blocks_3"]["mlp"]["fc2"]["kernel"])
+    want = np.maximum(st["absmax_ema"], 1e-5) ** 0.3 / np.maximum(np.abs(w).max(1), 1e-5) ** 0.7
+    np.testing.assert_allclose(np.asarray(layer.transform.smooth), want, rtol=1e-4)
     assert isinstance(get_path(bal, "x_embedder/proj"), dict)  # first layer untouched
     b = model.family.batch(model.config, Request(classes=(0, 5), per_class=2, seed=3))
     x, y = b.x_T, b.cond["y"]
@@ -95,19 +101,44 @@ def test_allocation_meets_the_bit_budget_exactly():
     rng = np.random.default_rng(1)
     paths = [f"l{i}" for i in range(12)]
     sizes = {p: int(rng.integers(100, 5000)) for p in paths}
-    metrics = {p: ["quality", "alignment", "temporal"][i % 3] for i, p in enumerate(paths)}
-    sens = {p: {m: float(rng.random()) for m in ("quality", "alignment", "temporal")} for p in paths}
+    groups = {p: list(mp.GROUPS)[i % 3] for i, p in enumerate(paths)}
+    gmse = {g: float(rng.random()) for g in mp.GROUPS}
+    rank = {p: float(rng.random()) for p in paths}
     total = sum(sizes.values())
     for budget in (4.0, 5.0, 6.5, 8.0):
-        chosen, acct = mp.allocate(sizes, metrics, sens, budget)
+        chosen, acct = mp.allocate(sizes, groups, gmse, rank, budget)
         used = sum(8 * sizes[p] if p in chosen else 4 * sizes[p] for p in paths)
         assert used == acct["used"] <= budget * total
         # nothing left out would still fit
         assert all(used + 4 * sizes[p] > budget * total for p in paths if p not in chosen)
-    assert mp.allocate(sizes, metrics, sens, 8.0)[0] == set(paths)
-    assert mp.allocate(sizes, metrics, sens, 4.0)[0] == set()
+    assert mp.allocate(sizes, groups, gmse, rank, 8.0)[0] == set(paths)
+    assert mp.allocate(sizes, groups, gmse, rank, 4.0)[0] == set()
     with pytest.raises(ValueError):
-        mp.allocate(sizes, metrics, sens, 3.0)
+        mp.allocate(sizes, groups, gmse, rank, 3.0)
+
+
+def test_allocation_shares_by_group_mse_and_ranks_inside_each_group():
+    """Two groups of four equal layers; the budget buys four promotions: group a (MSE 3) gets three,
+    b (MSE 1) one, each its own top-ranked; swapping the MSEs swaps the shares."""
+    paths = [f"{g}{i}" for g in "ab" for i in range(4)]
+    sizes = dict.fromkeys(paths, 100)
+    groups = {p: p[0] for p in paths}
+    rank = {"a0": 0.1, "a1": 0.9, "a2": 0.5, "a3": 0.7, "b0": 0.2, "b1": 0.1, "b2": 0.8, "b3": 0.3}
+    chosen, acct = mp.allocate(sizes, groups, {"a": 3.0, "b": 1.0}, rank, 6.0)
+    assert chosen == {"a1", "a3", "a2", "b2"}
+    assert acct["groups"]["a"]["share"] == pytest.approx(3 * acct["groups"]["b"]["share"])
+    chosen, _ = mp.allocate(sizes, groups, {"a": 1.0, "b": 3.0}, rank, 6.0)
+    assert chosen == {"a1", "b2", "b3", "b0"}
+
+
+def test_groups_follow_the_conditioning_path():
+    dit = {"blocks_0/adaLN_modulation": "adaLN", "blocks_0/attn/qkv": "self-attn", "t/linear_1": "time-embedding"}
+    assert mp.conditioning_in_adaln(dit)
+    assert [mp.group_of(r, True) for r in dit.values()] == ["conditioning", "spatial", "conditioning"]
+    pixart = dict(dit, **{"blocks_0/attn2/kv": "cross-attn:kv", "tb/attn1/qkv": "temporal-attn"})
+    assert not mp.conditioning_in_adaln(pixart)
+    assert [mp.group_of(r, False) for r in pixart.values()] == ["spatial", "spatial", "spatial", "conditioning",
+                                                                 "temporal"]
 
 
 def test_segments_switch_inside_jit():
@@ -124,8 +155,8 @@ def test_segments_switch_inside_jit():
         np.testing.assert_allclose(np.asarray(f(x, jnp.full((2,), t))), scale * np.ones((2, 4)))
 
 
-def test_qdiffusion_uses_each_timesteps_own_range(model, calib):
-    q, _ = get_recipe("qdiffusion-w8a8").build(model.params, Context(roles=model.roles, calib=calib))
+def test_per_step_static_uses_each_timesteps_own_range(model, calib):
+    q, _ = get_recipe("per-step-static-w8a8").build(model.params, Context(roles=model.roles, calib=calib))
     node: QLinear = get_path(q, "blocks_1/attn/qkv")
     assert node.act.scale.shape == (8,) and node.act.t.shape == (8,)
     k = 3
@@ -138,8 +169,8 @@ def test_qdiffusion_uses_each_timesteps_own_range(model, calib):
 
 
 def test_mixed_precision_model_samples_under_jit_and_respects_budget(model, calib):
-    m = quantize_model(model, "vidit-q-mp", calib=calib, progress=False, budget_bits=5.0, steps_per_segment=1,
-                       max_samples=4)
+    m = quantize_model(model, "vidit-q-mp", calib=calib, progress=False, budget_bits=5.0, steps=4, per_class=1,
+                       classes=(2, 5))
     segs = m.metadata["report"]["segments"]
     assert len(segs) == 4 and all(s["avg_bits"] <= 5.0 for s in segs)
     assert any(isinstance(l, Segmented) for _, l in iter_layers(m.params))
@@ -151,8 +182,8 @@ def test_mixed_precision_model_samples_under_jit_and_respects_budget(model, cali
 
 def test_mixed_precision_and_per_timestep_checkpoints_round_trip(model, calib, tmp_path):
     run = _sampler(model, [4], 2, 0)
-    for method, kw in (("vidit-q-mp", dict(budget_bits=5.0, steps_per_segment=1, max_samples=4)),
-                       ("qdiffusion-w8a8", {})):
+    for method, kw in (("vidit-q-mp", dict(budget_bits=5.0, steps=4, per_class=1, classes=(2, 5))),
+                       ("per-step-static-w8a8", {})):
         m = quantize_model(model, method, calib=calib, progress=False, **kw)
         path = save_model(str(tmp_path / method), m)
         back = load_model(path)
@@ -164,7 +195,7 @@ def test_mixed_precision_and_per_timestep_checkpoints_round_trip(model, calib, t
 
 def test_static_mixed_precision_has_one_width_per_layer_within_budget(model, calib):
     m = quantize_model(model, "vidit-q-mp-static", calib=calib, progress=False, budget_bits=5.0,
-                       steps_per_segment=1, max_samples=4)
+                       steps=4, per_class=1, classes=(2, 5))
     assert not any(isinstance(l, Segmented) for _, l in iter_layers(m.params))
     rep = m.metadata["report"]["static"]
     sizes = {p: l.in_features * l.out_features for p, l in iter_layers(m.params) if isinstance(l, QLinear)}

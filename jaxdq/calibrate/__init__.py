@@ -24,16 +24,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.nn import ACT_SAMPLES, ACT_STATS
+from jaxdq.nn import ACT_SAMPLES, ACT_STATS, EMA_MOMENTUM
 from jaxdq.sampling.families import Batch, trajectory_kwargs
 
 # How each statistic combines over steps/branches.
 _REDUCE = {"absmax": np.max, "min": np.min, "max": np.max, "token_absmax_max": np.max,
-           "token_absmax_min": np.min, "sq_sum": np.sum, "count": np.sum}
+           "token_absmax_min": np.min, "sq_sum": np.sum, "count": np.sum, "ema_calls": np.sum,
+           # conv inputs (jaxdq.nn.Conv): per-channel range, and the skip-concatenation split index
+           "cmin": np.min, "cmax": np.max, "split": np.max}
+
+
+def momentum_max(per_step: np.ndarray, momentum: float = EMA_MOMENTUM) -> np.ndarray:
+    """The momentum-averaged maximum over calibration steps in the order given:
+    ``e = a_0``, then ``e ← m e + (1 − m) a_s`` (``per_step [S, C]`` → ``[C]``)."""
+    a = np.asarray(per_step, np.float64)
+    e = a[0]
+    for row in a[1:]:
+        e = momentum * e + (1.0 - momentum) * row
+    return e.astype(np.float32)
 
 
 def collect_step_stats(apply_fn: Callable[..., Any], params: Mapping, step_inputs: Mapping[str, jax.Array],
-                       *, samples: bool = False, progress: bool = False, label: str = "calibrating") -> dict:
+                       *, samples: bool = False, progress: bool = False, label: str = "calibrating",
+                       mesh=None) -> dict:
     """Every Linear's input statistics at each of S model calls, separately.
 
     Args:
@@ -44,6 +57,9 @@ def collect_step_stats(apply_fn: Callable[..., Any], params: Mapping, step_input
       samples: also keep ``SAMPLE_TOKENS`` input tokens per layer and step
         (leaf ``"samples": [S, k, C_in]``).
       progress: progress bar over the S calls.
+      mesh: a ``jax.sharding.Mesh``: data parallel, the batch axis (axis 1) of the step
+        inputs split over its "data" axis; the statistics are reduced across devices
+        inside the jitted replay (global max/min/sum), equal to one device's.
     Returns:
       Tree with the module paths of ``params``; each linear's leaves are the
       statistics of ``jaxdq.nn._update_stats`` with a leading ``[S]`` axis.
@@ -67,7 +83,13 @@ def collect_step_stats(apply_fn: Callable[..., Any], params: Mapping, step_input
 
         return jax.lax.scan(body, None, (jnp.arange(steps), step_inputs))[1]
 
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(run(params, step_inputs)))
+    if mesh is None:
+        out = run(params, step_inputs)
+    else:
+        from jaxdq.distributed import call
+
+        out = call(run, mesh, params, step_inputs, batch_axis=1)
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(out))
 
 
 def _merge(a: Mapping, b: Mapping) -> dict:
@@ -86,7 +108,10 @@ def pool_stats(stats: Mapping, steps: Optional[Sequence[int] | np.ndarray] = Non
 
     ``stats`` is either a per-step tree (from :func:`collect_step_stats`) or a
     calibration result with ``"cond"``/``"uncond"`` branches, whose branches are
-    pooled together.  Stored samples are concatenated to ``[n, C_in]``.
+    pooled together.  Stored samples are concatenated to ``[n, C_in]``.  The
+    momentum-averaged maximum ``absmax_ema`` is the one statistic whose pooling depends on
+    the order: per step the max over the branches (what one CFG-batched call sees), then
+    :func:`momentum_max` over the steps in sampling order (``steps`` as given).
     """
     if "cond" in stats:
         trees = [stats[b] for b in ("cond", "uncond") if b in stats]
@@ -98,6 +123,9 @@ def pool_stats(stats: Mapping, steps: Optional[Sequence[int] | np.ndarray] = Non
             out = {}
             for k in nodes[0]:
                 arrs = [np.asarray(n[k]) if steps is None else np.asarray(n[k])[np.asarray(steps)] for n in nodes]
+                if k == "absmax_ema":
+                    out[k] = momentum_max(np.max(np.stack(arrs), axis=0))
+                    continue
                 a = np.concatenate(arrs, axis=0)
                 out[k] = a.reshape(-1, a.shape[-1]) if k == "samples" else _REDUCE[k](a, axis=0)
             return out
@@ -151,7 +179,7 @@ def load_stats(path: str) -> dict:
 
 def calibrate(model, batch: Batch, *, solver: Optional[str] = None, num_steps: Optional[int] = None,
               guidance: Optional[float] = None, samples: bool = False, keep_inputs: bool = False,
-              progress: bool = False, seed: int = 1) -> dict:
+              progress: bool = False, seed: int = 1, mesh=None) -> dict:
     """Per-timestep activation statistics of every Linear along the float model's own
     (guided) trajectories from ``batch``, the conditional and null-condition calls observed
     separately.
@@ -163,6 +191,8 @@ def calibrate(model, batch: Batch, *, solver: Optional[str] = None, num_steps: O
       samples: also keep stored input tokens per layer and step (SVDQuant's α search).
       keep_inputs: keep the trajectory (``"inputs"``; mixed precision evaluates on it).
       seed: key of the sampler's per-step noise.
+      mesh: a ``jax.sharding.Mesh``: sampling and replay data parallel over its "data" axis
+        (N must divide over it); results equal one device's up to reduction order.
     Returns:
       ``{"t": [S] timesteps (what the network's ``t`` input saw), "cond": tree,
       "uncond": tree (absent without CFG)}``; every statistics leaf has a leading ``[S]``
@@ -171,7 +201,7 @@ def calibrate(model, batch: Batch, *, solver: Optional[str] = None, num_steps: O
     """
     fam = model.family
     run = fam.sampler(model.config, solver=solver, num_steps=num_steps, guidance=guidance,
-                      return_trajectory=True, progress=progress)
+                      return_trajectory=True, progress=progress, mesh=mesh)
     _, traj = run(model.params, batch.x_T, batch.cond, batch.uncond, jax.random.PRNGKey(seed))
     out = {"t": np.asarray(traj["t"])}
     branches = {"cond": batch.cond, "uncond": batch.uncond}
@@ -184,7 +214,7 @@ def calibrate(model, batch: Batch, *, solver: Optional[str] = None, num_steps: O
     per_branch = [trajectory_kwargs(fam, model.config, traj, fam.call_cond(branches[b], guidance)) for b in present]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *per_branch)
     stats = collect_step_stats(model.module.apply, model.params, stacked, samples=samples, progress=progress,
-                               label=f"calibrating ({' + '.join(present)})")
+                               label=f"calibrating ({' + '.join(present)})", mesh=mesh)
     steps = len(out["t"])
     for i, b in enumerate(present):
         out[b] = jax.tree_util.tree_map(lambda a, i=i: a[i * steps:(i + 1) * steps], stats)

@@ -12,6 +12,12 @@
   (bench/results/e2e_h100.json, profile).
 * ``"xla"``: the same call with XLA's implementation (materialized, input dtype); runs
   anywhere.
+* ``"a2a"`` (``"a2a-xla"``, ``"a2a-cudnn"``): sequence parallel over the ``"model"`` axis of
+  the mesh in jax's mesh context (:func:`jaxdq.distributed.sequence_parallel_attention`:
+  all-to-all from a sequence split to a head split and back, ``shard_map``), each device
+  running ``"float32"`` (``"xla"``, ``"cudnn"``) on its heads.  The ``mesh=`` entry points
+  (``Family.sampler``, ``calibrate``) enter that context; without a mesh it is the inner
+  implementation.  For long video sequences: per-device logits are 1/n of the reference's.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("float32", "cudnn", "xla")
+SEQUENCE_PARALLEL = ("a2a", "a2a-xla", "a2a-cudnn")
+IMPLS = ("float32", "cudnn", "xla") + SEQUENCE_PARALLEL
 
 
 def check_attention_impl(impl: str) -> None:
@@ -50,6 +57,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
             logits = logits + bias.astype(jnp.float32)[:, None, None, :]
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
     check_attention_impl(impl)
+    if impl in SEQUENCE_PARALLEL:
+        from jaxdq.distributed import sequence_parallel_attention
+
+        inner = impl.partition("-")[2] or "float32"
+        return sequence_parallel_attention(q, k, v, bias, lambda q, k, v, b: attention(q, k, v, b, impl=inner))
     out_dtype = dtype = v.dtype
     if impl == "cudnn" and dtype not in (jnp.bfloat16, jnp.float16):
         dtype = jnp.bfloat16  # cuDNN's fused attention takes half types only

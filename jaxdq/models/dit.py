@@ -40,6 +40,7 @@ import numpy as np
 
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
+from jaxdq.norm_linear import Norm, layer_norm, norm_linear
 
 FREQ_EMBED_DIM = 256  # width of the timestep sinusoid (DiT's frequency_embedding_size)
 
@@ -166,14 +167,6 @@ def pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     ii, jj = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
     emb = np.concatenate([_sincos_1d(dim // 2, jj), _sincos_1d(dim // 2, ii)], axis=1)
     return emb.astype(np.float32)
-
-
-def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm over the last axis without affine params, computed in float32; same dtype out."""
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
@@ -309,10 +302,11 @@ class DiTBlock(nn.Module):
             c = _conditioning(cfg, t, y, force_drop_ids, x.dtype)
         mod = Linear(6 * cfg.hidden_size, role="adaLN", kernel_init=_zeros, name="adaLN_modulation")(nn.silu(c))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        h = modulate(layer_norm(x, cfg.norm_eps), shift_msa, scale_msa)
+        # h = modulate(layer_norm(x), shift, scale); the quantize fuses into the norm under kernels
+        h = norm_linear(self, x, Norm("layer", cfg.norm_eps), shift=shift_msa, scale=scale_msa, linears=("attn/qkv",))
         x = x + gate_msa[:, None] * Attention(cfg.hidden_size, cfg.num_heads, cfg.attention, name="attn")(h)
         eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
-        h = modulate(layer_norm(x, eps), shift_mlp, scale_mlp)
+        h = norm_linear(self, x, Norm("layer", eps), shift=shift_mlp, scale=scale_mlp, linears=("mlp/fc1",))
         x = x + gate_mlp[:, None] * Mlp(cfg.hidden_size, cfg.mlp_hidden, name="mlp")(h)
         return x, c
 

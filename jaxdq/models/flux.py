@@ -54,6 +54,7 @@ import numpy as np
 from jaxdq.models.dit import FREQ_EMBED_DIM, Mlp, layer_norm, modulate, patchify, timestep_embedding
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
+from jaxdq.norm_linear import Norm, norm_linear
 
 NORM_EPS = 1e-6  # every LayerNorm and the q/k RMSNorms of FLUX
 ROPE_THETA = 10000.0
@@ -315,13 +316,19 @@ class FluxTransformerBlock(nn.Module):
         d = cfg.hidden_size
         sh, sc, g, sh2, sc2, g2 = AdaLNZero(6, d, name="norm1")(temb)
         csh, csc, cg, csh2, csc2, cg2 = AdaLNZero(6, d, name="norm1_context")(temb)
+        # modulate(layer_norm(·), shift, scale) through norm_linear: the quantize fuses into the norm
+        # under kernels, q/k/v of a stream quantized once
+        norm = Norm("layer", NORM_EPS)
         a_img, a_txt = JointAttention(cfg, name="attn")(
-            modulate(layer_norm(img, NORM_EPS), sh, sc), modulate(layer_norm(txt, NORM_EPS), csh, csc), cos, sin)
+            norm_linear(self, img, norm, shift=sh, scale=sc, linears=("attn/to_q", "attn/to_k", "attn/to_v")),
+            norm_linear(self, txt, norm, shift=csh, scale=csc,
+                        linears=("attn/add_q_proj", "attn/add_k_proj", "attn/add_v_proj")), cos, sin)
         img = img + g[:, None] * a_img
-        img = img + g2[:, None] * Mlp(d, cfg.mlp_hidden, name="ff")(modulate(layer_norm(img, NORM_EPS), sh2, sc2))
+        img = img + g2[:, None] * Mlp(d, cfg.mlp_hidden, name="ff")(
+            norm_linear(self, img, norm, shift=sh2, scale=sc2, linears=("ff/fc1",)))
         txt = txt + cg[:, None] * a_txt
         txt = txt + cg2[:, None] * Mlp(d, cfg.mlp_hidden, name="ff_context")(
-            modulate(layer_norm(txt, NORM_EPS), csh2, csc2))
+            norm_linear(self, txt, norm, shift=csh2, scale=csc2, linears=("ff_context/fc1",)))
         return img, txt
 
 
@@ -336,7 +343,10 @@ class FluxSingleTransformerBlock(nn.Module):
         cfg = self.config
         d = cfg.hidden_size
         shift, scale, gate = AdaLNZero(3, d, name="norm")(temb)
-        h = modulate(layer_norm(x, NORM_EPS), shift, scale)
+        # h = modulate(layer_norm(x), shift, scale), read by proj_mlp and q/k/v (FLUX's linear1):
+        # under kernels one fused norm-quantize for all four
+        h = norm_linear(self, x, Norm("layer", NORM_EPS), shift=shift, scale=scale,
+                        linears=("proj_mlp", "attn/to_q", "attn/to_k", "attn/to_v"))
         mlp = nn.gelu(Linear(cfg.mlp_hidden, role="ffn", name="proj_mlp")(h), approximate=True)
         attn = _SingleAttention(cfg, name="attn")(h, cos, sin)
         out = Linear(d, role="ffn", name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdq.models.attention import check_attention_impl
 from jaxdq.models.dit import _sincos_1d, check_transformer_dims, unpatchify
 from jaxdq.models.pixart import (AdaLNSingle, CaptionProjection, FinalLayer, PixArtBlock,
                                  _unsupported_diffusers_settings, block_roles, embed_patches, mask_to_bias)
@@ -54,6 +55,8 @@ class LatteConfig:
       interpolation_scale: None: ``max(sample_size // 64, 1)`` (diffusers Latte always uses that).
       video_length: frames the model was trained with (diffusers' temporal pos-embed length).
       max_text_tokens: T5 length used in training (documentation).
+      attention: attention implementation of every block, see :mod:`jaxdq.models.attention`
+        ("float32" reference; "a2a" sequence parallel over a mesh's "model" axis).
     """
 
     sample_size: int = 64
@@ -69,9 +72,11 @@ class LatteConfig:
     norm_eps: float = 1e-6
     video_length: int = 16
     max_text_tokens: int = 120
+    attention: str = "float32"
 
     def __post_init__(self):
         check_transformer_dims(self.hidden_size, self.num_heads)
+        check_attention_impl(self.attention)
 
     @property
     def mlp_hidden(self) -> int:
@@ -165,14 +170,15 @@ class Latte(nn.Module):
         bias = None if bias is None else jnp.repeat(bias, f, axis=0)
         mod_spatial, mod_temporal = jnp.repeat(mod, f, axis=0), jnp.repeat(mod, nt, axis=0)
         for i in range(cfg.depth):
-            tokens = PixArtBlock(d, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, name=f"blocks_{i}")(
-                tokens, mod_spatial, context, bias)
+            tokens = PixArtBlock(d, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, attention=cfg.attention,
+                                 name=f"blocks_{i}")(tokens, mod_spatial, context, bias)
             if enable_temporal_attentions:
                 tt = tokens.reshape(n, f, nt, d).transpose(0, 2, 1, 3).reshape(n * nt, f, d)
                 if i == 0 and f > 1:
                     tt = tt + jnp.asarray(temporal_pos_embed(d, f), tt.dtype)
                 tt = PixArtBlock(d, cfg.num_heads, cfg.mlp_hidden, cfg.norm_eps, cross_attention=False,
-                                 self_attn_role="temporal-attn", name=f"temporal_blocks_{i}")(tt, mod_temporal)
+                                 self_attn_role="temporal-attn", attention=cfg.attention,
+                                 name=f"temporal_blocks_{i}")(tt, mod_temporal)
                 tokens = tt.reshape(n, nt, f, d).transpose(0, 2, 1, 3).reshape(n * f, nt, d)
         out = FinalLayer(cfg.patch_size ** 2 * cfg.out_channels, name="final_layer")(
             tokens, jnp.repeat(emb, f, axis=0))

@@ -51,6 +51,7 @@ from jaxdq.models.dit import (Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, che
                               patchify, unpatchify)
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
+from jaxdq.norm_linear import Norm, norm_linear
 
 MASK_BIAS = -10000.0  # additive attention bias of a dropped text token (diffusers and PixArt)
 
@@ -313,11 +314,14 @@ class PixArtBlock(nn.Module):
         table = self.param("scale_shift_table", nn.initializers.normal(stddev=d ** -0.5), (6, d))
         m = table.astype(x.dtype)[None] + mod.reshape(n, 6, d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (m[:, i:i + 1] for i in range(6))
-        h = layer_norm(x, self.norm_eps) * (1 + scale_msa) + shift_msa
+        # h = layer_norm(x) * (1 + scale) + shift; the quantize fuses into the norm under kernels.
+        # (attn2's q reads x itself: PixArt has no norm before the cross-attention.)
+        norm = Norm("layer", self.norm_eps)
+        h = norm_linear(self, x, norm, shift=shift_msa, scale=scale_msa, linears=("attn1/qkv",))
         x = x + gate_msa * SelfAttention(self.num_heads, self.self_attn_role, self.attention, name="attn1")(h)
         if self.cross_attention:
             x = x + CrossAttention(self.num_heads, self.attention, name="attn2")(x, context, bias)
-        h = layer_norm(x, self.norm_eps) * (1 + scale_mlp) + shift_mlp
+        h = norm_linear(self, x, norm, shift=shift_mlp, scale=scale_mlp, linears=("ff/fc1",))
         return x + gate_mlp * Mlp(d, self.mlp_hidden, name="ff")(h)
 
 

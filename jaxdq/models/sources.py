@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from typing import Any, Optional
 
@@ -44,12 +45,21 @@ class LoadedModel:
 
     @property
     def roles(self) -> dict:
-        """``{linear path: role tag}`` of the model's linears."""
-        return get_arch(self.arch).roles(self.config)
+        """``{linear path: role tag}`` of the model's linears (a fresh dict; the table is
+        computed once per family and config: for a UNet it traces the param shapes)."""
+        try:
+            return dict(_roles_of(self.arch, self.config))
+        except TypeError:  # an unhashable config
+            return get_arch(self.arch).roles(self.config)
 
     @property
     def quantized(self) -> bool:
         return self.metadata.get("method", "float") != "float"
+
+
+@functools.lru_cache(maxsize=64)
+def _roles_of(arch: str, config) -> dict:
+    return get_arch(arch).roles(config)
 
 
 DEFAULT_SOURCES = {

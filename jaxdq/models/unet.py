@@ -35,6 +35,11 @@ Param tree (paths mirror diffusers keys, ``name.<i>`` → ``name_<i>``; see
     .../attentions_{j}/transformer_blocks_{k}/ff/{net_0/proj,net_2}             "ffn"
     .../attentions_{j}/transformer_blocks_{k}/norm{1,2,3}
 
+Convs are :class:`jaxdq.nn.Conv` layers: ``conv_in`` role "embedding", ``conv_out`` "final",
+resnet convs "conv", shortcuts "conv:shortcut", resamplers "conv:resample", 1x1 transformer
+projections "conv:proj"; an up block's ``conv_shortcut`` reads ``[h, skip]`` and records the
+split channel (Q-Diffusion's shortcut splitting).
+
 TFMQ-DM's temporal information block is the timestep MLP plus every resnet's
 ``time_emb_proj``: the paths matching ``time_embedding/|time_emb_proj$``
 (:data:`TIME_EMBEDDING_PATTERN`), all with role "time-embedding".
@@ -332,7 +337,7 @@ class UNet(nn.Module):
         elif class_labels is not None:
             raise ValueError("class_labels given but the UNet has no class embedding (num_class_embeds=None)")
 
-        x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, name="conv_in")(x)
+        x = Conv2d(cfg.block_out_channels[0], cfg.conv_in_kernel, role="embedding", name="conv_in")(x)
         skips = [x]
         for i in range(len(cfg.block_out_channels)):
             x, s = DownBlock(**cfg.down_block(i), name=f"down_blocks_{i}")(x, emb, ctx)
@@ -345,7 +350,7 @@ class UNet(nn.Module):
             skips = skips[:-k]
 
         x = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
-        x = Conv2d(cfg.out_channels, cfg.conv_out_kernel, name="conv_out")(x)
+        x = Conv2d(cfg.out_channels, cfg.conv_out_kernel, role="final", name="conv_out")(x)
         return nhwc_to_nchw(x)
 
 
@@ -371,6 +376,7 @@ def unet_param_shapes(config: UNetConfig) -> dict:
 
 
 def layer_roles(params_or_config: Union[UNetConfig, Mapping]) -> dict[str, str]:
-    """``{"/"-joined Linear path: role}`` of every Linear (float or quantized) of a UNet."""
+    """``{"/"-joined layer path: role}`` of every Linear and Conv (float or quantized) of a UNet
+    (conv roles: :func:`jaxdq.models.unet_blocks.conv_role`)."""
     params = unet_param_shapes(params_or_config) if isinstance(params_or_config, UNetConfig) else params_or_config
     return roles_of_params(params)

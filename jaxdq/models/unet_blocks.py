@@ -2,9 +2,16 @@
 
 Arrays inside these modules are channels-last: images ``[N, H, W, C]``, token
 sequences ``[N, T, C]`` (the models transpose from/to NCHW at their boundary).
-Every matmul is a :class:`jaxdq.nn.Linear` with a role tag; convolutions are
-plain params ``{"kernel": [kh, kw, C_in, C_out] (HWIO), "bias": [C_out]}`` and
-norms ``{"scale": [C], "bias": [C]}``.
+Every matmul is a :class:`jaxdq.nn.Linear` and every convolution a :class:`jaxdq.nn.Conv`,
+each with a role tag; conv params are ``{"kernel": [kh, kw, C_in, C_out] (HWIO),
+"bias": [C_out]}`` (or a quantized conv) and norms ``{"scale": [C], "bias": [C]}``.
+
+Conv roles (:func:`conv_role`): the UNet's ``conv_in`` "embedding" and ``conv_out``
+"final" (float in every recipe), resnet ``conv1``/``conv2`` "conv", ``conv_shortcut``
+"conv:shortcut", down/upsampler convs "conv:resample", a Transformer2D's 1x1 ``proj_in`` /
+``proj_out`` "conv:proj"; every VAE conv "other" (the recipes' conv rules select role
+"conv", so the VAE's convs stay float).  An up block's concatenated skip input reaches
+``conv_shortcut`` with its split channel index (Q-Diffusion's shortcut splitting).
 
 Module and param names mirror diffusers' ``state_dict`` keys with every
 ``name.<index>`` written ``name_<index>`` (``down_blocks.0.resnets.1.time_emb_proj``
@@ -20,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -28,16 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdq.models.attention import attention
-from jaxdq.nn import Linear
-from jaxdq.quant.layers import iter_layers
+from jaxdq.nn import Conv, Linear
+from jaxdq.quant.layers import FloatConv, QConv, iter_layers
 
 # diffusers ModuleList names: their children are ``name.<i>`` in a state dict, ``name_<i>`` here.
 INDEXED = ("down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks", "downsamplers",
            "upsamplers", "to_out", "net")
 _INDEXED_RE = re.compile(r"^(%s)_(\d+)$" % "|".join(INDEXED))
-
-Padding = Union[int, tuple[tuple[int, int], tuple[int, int]]]
-
 
 def torch_key(path: str) -> str:
     """Flax param path → diffusers state-dict key (``down_blocks_0/resnets_0/conv1/kernel`` →
@@ -63,6 +67,29 @@ def linear_role(path: str) -> str:
     return "other"  # proj_in / proj_out of linear-projection transformers
 
 
+def conv_role(path: str, vae: bool = False) -> str:
+    """The role tag the modules of this file give the Conv at ``path`` (module docstring)."""
+    segs = path.split("/")
+    if vae:
+        return "other"
+    if len(segs) == 1 and segs[0] == "conv_in":
+        return "embedding"
+    if len(segs) == 1 and segs[0] == "conv_out":
+        return "final"
+    if segs[-1] == "conv_shortcut":
+        return "conv:shortcut"
+    if len(segs) > 1 and re.match(r"^(downsamplers|upsamplers)_\d+$", segs[-2]):
+        return "conv:resample"
+    if segs[-1] in ("proj_in", "proj_out"):
+        return "conv:proj"
+    return "conv"
+
+
+def _sub(role: str, sub: str) -> str:
+    """A conv sub-role of ``role`` ("conv" → "conv:sub"); other roles (the VAE's) unchanged."""
+    return f"{role}:{sub}" if role == "conv" else role
+
+
 def activation(name: str):
     """diffusers ``act_fn`` → function (only SiLU is used by the supported models)."""
     if name in ("silu", "swish"):
@@ -74,35 +101,8 @@ def activation(name: str):
 # primitives
 
 
-def _same_padding(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    return ((k // 2, k // 2), (k // 2, k // 2))
-
-
-class Conv2d(nn.Module):
-    """``[N, H, W, C_in] → [N, H', W', features]``; params kernel ``[k, k, C_in, features]``, bias.
-
-    padding: an int p (p on every side), explicit ``((top, bottom), (left, right))``,
-    or None for ``k // 2`` (diffusers' "same" convs).
-    """
-
-    features: int
-    kernel_size: int = 3
-    stride: int = 1
-    padding: Optional[Padding] = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        pad = self.padding
-        if pad is None:
-            pad = _same_padding(k)
-        elif isinstance(pad, int):
-            pad = ((pad, pad), (pad, pad))
-        y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (self.stride, self.stride), pad,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + bias.astype(x.dtype)
+#: The conv module (``Conv2d(features, kernel_size, stride=, padding=, role=)``): :class:`jaxdq.nn.Conv`.
+Conv2d = Conv
 
 
 class GroupNorm(nn.Module):
@@ -216,6 +216,10 @@ class ResnetBlock2D(nn.Module):
         out = (shortcut(x) + h) / output_scale_factor     # shortcut: 1x1 conv iff C_in != C_out
 
     use_temb: whether the block has ``time_emb_proj`` (False in the VAE).
+    conv_role: role of conv1/conv2 ("conv"; the shortcut gets "conv:shortcut"), "other" in the VAE.
+    ``split``: the channel index where ``x`` joins an up block's ``[h, skip]`` concatenation,
+    passed to ``conv_shortcut`` (the layer that reads the raw concatenation, as Q-Diffusion
+    splits its ``skip_connection``).
     """
 
     out_channels: int
@@ -225,19 +229,20 @@ class ResnetBlock2D(nn.Module):
     groups_out: Optional[int] = None
     output_scale_factor: float = 1.0
     act_fn: str = "silu"
+    conv_role: str = "conv"
 
     @nn.compact
-    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, temb: Optional[jax.Array] = None, split: Optional[int] = None) -> jax.Array:
         act = activation(self.act_fn)
         h = act(GroupNorm(self.groups, self.eps, name="norm1")(x))
-        h = Conv2d(self.out_channels, 3, name="conv1")(h)
+        h = Conv2d(self.out_channels, 3, role=self.conv_role, name="conv1")(h)
         if self.use_temb:
             proj = Linear(self.out_channels, role="time-embedding", name="time_emb_proj")(act(temb))
             h = h + proj[:, None, None, :].astype(h.dtype)
         h = act(GroupNorm(self.groups_out or self.groups, self.eps, name="norm2")(h))
-        h = Conv2d(self.out_channels, 3, name="conv2")(h)
+        h = Conv2d(self.out_channels, 3, role=self.conv_role, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
-            x = Conv2d(self.out_channels, 1, name="conv_shortcut")(x)
+            x = Conv2d(self.out_channels, 1, role=_sub(self.conv_role, "shortcut"), name="conv_shortcut")(x, split)
         return (x + h) / self.output_scale_factor
 
 
@@ -342,13 +347,13 @@ class Transformer2D(nn.Module):
         if self.use_linear_projection:
             y = Linear(inner, role="other", name="proj_in")(y.reshape(n, h * w, c))
         else:
-            y = Conv2d(inner, 1, name="proj_in")(y).reshape(n, h * w, inner)
+            y = Conv2d(inner, 1, role="conv:proj", name="proj_in")(y).reshape(n, h * w, inner)
         for i in range(self.num_layers):
             y = BasicTransformerBlock(inner, self.heads, self.dim_head, name=f"transformer_blocks_{i}")(y, context)
         if self.use_linear_projection:
             y = Linear(c, role="other", name="proj_out")(y).reshape(n, h, w, c)
         else:
-            y = Conv2d(c, 1, name="proj_out")(y.reshape(n, h, w, inner))
+            y = Conv2d(c, 1, role="conv:proj", name="proj_out")(y.reshape(n, h, w, inner))
         return y + x
 
 
@@ -358,22 +363,25 @@ class Downsample2D(nn.Module):
 
     out_channels: int
     padding: int = 1
+    conv_role: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
-        return Conv2d(self.out_channels, 3, stride=2, padding=pad, name="conv")(x)
+        return Conv2d(self.out_channels, 3, stride=2, padding=pad, role=_sub(self.conv_role, "resample"),
+                      name="conv")(x)
 
 
 class Upsample2D(nn.Module):
     """Nearest-neighbour 2x upsampling, then a 3x3 conv ``conv``.  ``[N, H, W, C] → [N, 2H, 2W, C]``."""
 
     out_channels: int
+    conv_role: str = "conv"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return Conv2d(self.out_channels, 3, name="conv")(x)
+        return Conv2d(self.out_channels, 3, role=_sub(self.conv_role, "resample"), name="conv")(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,6 +397,7 @@ class DownBlock(nn.Module):
 
     ``x [N, H, W, C]``, ``temb [N, D_t]`` or None, ``context [N, S, D_c]`` or None →
     ``(x, skips)``: the output and every intermediate state the up path concatenates.
+    conv_role: role tag of the stage's convs ("conv"; "other" in the VAE).
     """
 
     out_channels: int
@@ -405,6 +414,7 @@ class DownBlock(nn.Module):
     transformer_layers: int = 1
     output_scale_factor: float = 1.0
     act_fn: str = "silu"
+    conv_role: str = "conv"
 
     @nn.compact
     def __call__(self, x, temb=None, context=None):
@@ -412,11 +422,12 @@ class DownBlock(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.use_temb,
                               output_scale_factor=self.output_scale_factor, act_fn=self.act_fn,
-                              name=f"resnets_{i}")(x, temb)
+                              conv_role=self.conv_role, name=f"resnets_{i}")(x, temb)
             x = _stage_attention(self, i, x, context)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0")(x)
+            x = Downsample2D(self.out_channels, self.downsample_padding, conv_role=self.conv_role,
+                             name="downsamplers_0")(x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -443,19 +454,22 @@ class UpBlock(nn.Module):
     transformer_layers: int = 1
     output_scale_factor: float = 1.0
     act_fn: str = "silu"
+    conv_role: str = "conv"
 
     @nn.compact
     def __call__(self, x, skips: Optional[Sequence[jax.Array]] = None, temb=None, context=None):
         skips = list(skips or ())
         for i in range(self.num_layers):
+            split = None
             if skips:
+                split = x.shape[-1]  # [h, skip]: the two halves Q-Diffusion quantizes apart
                 x = jnp.concatenate([x, skips.pop()], axis=-1)
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.use_temb,
                               output_scale_factor=self.output_scale_factor, act_fn=self.act_fn,
-                              name=f"resnets_{i}")(x, temb)
+                              conv_role=self.conv_role, name=f"resnets_{i}")(x, temb, split)
             x = _stage_attention(self, i, x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, conv_role=self.conv_role, name="upsamplers_0")(x)
         return x
 
 
@@ -477,13 +491,14 @@ class MidBlock(nn.Module):
     transformer_layers: int = 1
     output_scale_factor: float = 1.0
     act_fn: str = "silu"
+    conv_role: str = "conv"
 
     @nn.compact
     def __call__(self, x, temb=None, context=None):
         def resnet(i, x):
             return ResnetBlock2D(self.channels, self.groups, self.eps, self.use_temb,
                                  output_scale_factor=self.output_scale_factor, act_fn=self.act_fn,
-                                 name=f"resnets_{i}")(x, temb)
+                                 conv_role=self.conv_role, name=f"resnets_{i}")(x, temb)
 
         x = resnet(0, x)
         for i in range(self.num_layers):
@@ -532,6 +547,11 @@ def flat_shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[in
     return out
 
 
-def roles_of_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """``{linear path: role}`` of every float or quantized Linear of a params tree."""
-    return {path: linear_role(path) for path, _ in iter_layers(params)}
+def _is_conv(layer) -> bool:
+    return isinstance(layer, (FloatConv, QConv)) or getattr(getattr(layer, "kernel", None), "ndim", 0) == 4
+
+
+def roles_of_params(params: Mapping[str, Any], vae: bool = False) -> dict[str, str]:
+    """``{layer path: role}`` of every float or quantized Linear and Conv of a params tree
+    (``vae``: the autoencoder's, whose convs are all "other")."""
+    return {path: conv_role(path, vae) if _is_conv(layer) else linear_role(path) for path, layer in iter_layers(params)}

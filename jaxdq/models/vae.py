@@ -18,7 +18,8 @@ Param tree (diffusers keys with ``name.<i>`` → ``name_<i>``)::
     decoder/conv_in, decoder/mid_block/..., decoder/up_blocks_{i}/resnets_{j}/...,
     decoder/up_blocks_{i}/upsamplers_0/conv, decoder/conv_norm_out, decoder/conv_out
 
-The mid-block attention Linears (role "self-attn") are the only Linears.
+The mid-block attention Linears (role "self-attn") are the only Linears; the convs are
+:class:`jaxdq.nn.Conv` layers with role "other" (float in every recipe).
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ from jaxdq.models.unet_blocks import (Conv2d, DownBlock, GroupNorm, MidBlock, Up
                                       nchw_to_nhwc, nhwc_to_nchw, roles_of_params)
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code the norm eps
+#: Role of every VAE conv: "other", which no recipe's conv rule selects (they select "conv"),
+#: so the autoencoder's convs stay float (it is decoded, never quantized, in jaxdq's flows).
+VAE_CONV_ROLE = "other"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +123,7 @@ SD_VAE = vae_config("sd-vae")
 def _mid(cfg: VAEConfig, name: str) -> MidBlock:
     c = cfg.block_out_channels[-1]
     return MidBlock(c, cfg.norm_num_groups, VAE_EPS, attention="spatial" if cfg.mid_block_add_attention else "none",
-                    heads=1, dim_head=c, use_temb=False, act_fn=cfg.act_fn, name=name)
+                    heads=1, dim_head=c, use_temb=False, act_fn=cfg.act_fn, conv_role=VAE_CONV_ROLE, name=name)
 
 
 class Encoder(nn.Module):
@@ -131,14 +135,14 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         n = len(cfg.block_out_channels)
-        x = Conv2d(cfg.block_out_channels[0], 3, name="conv_in")(x)
+        x = Conv2d(cfg.block_out_channels[0], 3, role=VAE_CONV_ROLE, name="conv_in")(x)
         for i, c in enumerate(cfg.block_out_channels):
             x, _ = DownBlock(c, cfg.layers_per_block, cfg.norm_num_groups, VAE_EPS, use_temb=False,
                              add_downsample=i < n - 1, downsample_padding=0, act_fn=cfg.act_fn,
-                             name=f"down_blocks_{i}")(x)
+                             conv_role=VAE_CONV_ROLE, name=f"down_blocks_{i}")(x)
         x = _mid(cfg, "mid_block")(x)
         x = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out")(x))
-        return Conv2d(2 * cfg.latent_channels, 3, name="conv_out")(x)
+        return Conv2d(2 * cfg.latent_channels, 3, role=VAE_CONV_ROLE, name="conv_out")(x)
 
 
 class Decoder(nn.Module):
@@ -150,13 +154,14 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg = self.config
         n = len(cfg.block_out_channels)
-        x = Conv2d(cfg.block_out_channels[-1], 3, name="conv_in")(z)
+        x = Conv2d(cfg.block_out_channels[-1], 3, role=VAE_CONV_ROLE, name="conv_in")(z)
         x = _mid(cfg, "mid_block")(x)
         for i, c in enumerate(reversed(cfg.block_out_channels)):
             x = UpBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, VAE_EPS, use_temb=False,
-                        add_upsample=i < n - 1, act_fn=cfg.act_fn, name=f"up_blocks_{i}")(x)
+                        add_upsample=i < n - 1, act_fn=cfg.act_fn, conv_role=VAE_CONV_ROLE,
+                        name=f"up_blocks_{i}")(x)
         x = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, VAE_EPS, name="conv_norm_out")(x))
-        return Conv2d(cfg.out_channels, 3, name="conv_out")(x)
+        return Conv2d(cfg.out_channels, 3, role=VAE_CONV_ROLE, name="conv_out")(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -169,8 +174,9 @@ class AutoencoderKL(nn.Module):
         cfg = self.config
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = Conv2d(2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = Conv2d(cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * cfg.latent_channels, 1, role=VAE_CONV_ROLE) if cfg.use_quant_conv else None
+        self.post_quant_conv = (Conv2d(cfg.latent_channels, 1, role=VAE_CONV_ROLE) if cfg.use_post_quant_conv
+                                else None)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         f = self.config.downscale
@@ -222,6 +228,7 @@ def vae_decode(params: Mapping, z: jax.Array, config: VAEConfig = SD_VAE) -> jax
 
 
 def layer_roles(params_or_config: Union[VAEConfig, Mapping]) -> dict[str, str]:
-    """``{Linear path: role}``: the mid-block attentions' to_q/to_k/to_v/to_out_0 ("self-attn")."""
+    """``{layer path: role}``: the mid-block attentions' to_q/to_k/to_v/to_out_0 ("self-attn")
+    and every conv ("other", :data:`VAE_CONV_ROLE`)."""
     params = vae_param_shapes(params_or_config) if isinstance(params_or_config, VAEConfig) else params_or_config
-    return roles_of_params(params)
+    return roles_of_params(params, vae=True)

@@ -41,36 +41,65 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from jaxdq.calibrate import frobenius_j
+from jaxdq.quant import hadamard
 from jaxdq.quant.hadamard import hadamard_block_size
 
 __all__ = [
     "DuQuantRotation", "step_matrix", "greedy_block_rotation", "block_peak", "zigzag_permutation",
-    "duquant_rotation", "apply_rotation", "fold_into_weight", "rotation_matrix", "choose_path",
-    "ars_plan", "report", "DEFAULT_BLOCK", "DEFAULT_TAU",
+    "duquant_rotation", "apply_rotation", "fold_into_weight", "unfold_from_weight", "rotation_matrix",
+    "choose_path", "ars_plan", "report", "hadamard_rotation", "ars_rotation", "ars_params", "format_report",
+    "print_report", "DEFAULT_BLOCK", "DEFAULT_TAU",
 ]
 
 DEFAULT_BLOCK = 128   # DuQuant's default block size
 DEFAULT_TAU = 1.0     # LRQ-DiT's threshold on J
 
 
-class DuQuantRotation(NamedTuple):
-    """``X · R̂1 · P · R̂2`` (a pytree of arrays).
+@struct.dataclass
+class DuQuantRotation:
+    """``X · R̂1 · P · R̂2``: a rotation node of a layer's
+    :class:`jaxdq.quant.layers.InputTransform` (a pytree of arrays).
 
     r1, r2: float32 ``[K, b, b]`` orthogonal blocks (K·b = C_in).
     perm: int32 ``[C_in]``; ``(x P)[..., p] = x[..., perm[p]]``.
+
+    Node protocol (as :class:`jaxdq.quant.hadamard.BlockHadamard`): ``apply(x) = x R``,
+    ``rotate_weight(w) = Rᵀ W``, ``unrotate_weight(w) = R W``, ``kernel_block = 0`` (the
+    fused quantize kernel cannot apply it: the backend rotates in XLA first).
     """
 
     r1: jax.Array
     perm: jax.Array
     r2: jax.Array
+
+    @property
+    def kernel_block(self) -> int:
+        return 0
+
+    @property
+    def width(self) -> int:
+        return int(self.perm.shape[0])
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        """``x [..., C_in] ↦ x R̂1 P R̂2`` (:func:`apply_rotation`)."""
+        return apply_rotation(x, self)
+
+    def rotate_weight(self, w: jax.Array) -> jax.Array:
+        """``Rᵀ W = R̂2ᵀ Pᵀ R̂1ᵀ W`` for ``W [C_in, ...]`` (:func:`fold_into_weight`)."""
+        return fold_into_weight(w, self)
+
+    def unrotate_weight(self, w: jax.Array) -> jax.Array:
+        """``R W = R̂1 P R̂2 W`` for ``W [C_in, ...]`` (:func:`unfold_from_weight`)."""
+        return unfold_from_weight(w, self)
 
 
 # ------------------------------------------------------------------ construction
@@ -205,6 +234,17 @@ def fold_into_weight(w: jax.Array, rot: DuQuantRotation) -> jax.Array:
     return jnp.swapaxes(_blockwise(wt, rot.r2), 0, 1).astype(dtype)
 
 
+@jax.jit
+def unfold_from_weight(w: jax.Array, rot: DuQuantRotation) -> jax.Array:
+    """``W [C_in, C_out] ↦ R̂1 P R̂2 W`` (the inverse of :func:`fold_into_weight`)."""
+    dtype = w.dtype
+    wt = jnp.swapaxes(w.astype(jnp.promote_types(dtype, jnp.float32)), 0, 1)   # [C_out, C_in]
+    # (R W)ᵀ = Wᵀ Rᵀ = Wᵀ R̂2ᵀ Pᵀ R̂1ᵀ, and (y Pᵀ)[..., i] = y[..., inv_perm[i]]
+    inv = jnp.argsort(rot.perm)
+    wt = _blockwise(wt, jnp.swapaxes(rot.r2, 1, 2))[..., inv]
+    return jnp.swapaxes(_blockwise(wt, jnp.swapaxes(rot.r1, 1, 2)), 0, 1).astype(dtype)
+
+
 def rotation_matrix(rot: DuQuantRotation) -> jax.Array:
     """The full float32 ``[C_in, C_in]`` matrix ``R̂1 P R̂2`` (for tests and inspection)."""
     c = rot.perm.shape[0]
@@ -272,3 +312,101 @@ def report(stats_by_layer: Mapping, tau: float = DEFAULT_TAU) -> list[dict]:
             row["absmax_max"], row["absmax_median"] = float(a.max()), float(np.median(a))
         rows.append(row)
     return rows
+
+
+# ------------------------------------------------------------------ ARS as a layer transform
+
+def hadamard_rotation(width: int, kind: str = "full") -> Any:
+    """ARS's ``J < τ`` rotation node for a ``width``-channel input:
+    :func:`jaxdq.quant.hadamard.rotation_for` — the full-width Hadamard
+    (:class:`~jaxdq.quant.hadamard.FullHadamard`, QuaRot's construction) where one is
+    built for the width, else the block Hadamard of the largest power-of-two block;
+    ``kind="block"`` always the block one.  The same node the ``quarot-*`` recipes use,
+    so the Hadamard-only ablation and ARS's Hadamard branch are the same transform."""
+    return hadamard.rotation_for(width, kind)
+
+
+def ars_rotation(layer_stats: Mapping, width: int, tau: float = DEFAULT_TAU, block: int | None = None,
+                 steps: int = 8, smooth: Any = None, hadamard_kind: str = "full") -> tuple[Any, dict]:
+    """One layer's ARS rotation node and its report row.
+
+    Args:
+      layer_stats: the layer's pooled calibration stats (``sq_sum``, ``count``, ``absmax``).
+      width: C_in.
+      tau, block, steps: as :func:`ars_plan`.
+      smooth: the layer's smoothing divisor ``[C_in]`` if it has one (the DuQuant
+        construction then reads the smoothed maxima ``absmax / smooth``; J stays the raw
+        input's, as the paper defines it).
+      hadamard_kind: "full" or "block" (:func:`hadamard_rotation`).
+    Returns:
+      ``(rotation node, {"J", "path", "rotation", "block", "absmax_max", "absmax_median"})``:
+      a :class:`DuQuantRotation` when ``J ≥ τ``, else :func:`hadamard_rotation`.
+    """
+    st = dict(layer_stats)
+    absmax = np.asarray(st["absmax"], np.float64)
+    if smooth is not None:
+        st["absmax"] = (absmax / np.asarray(smooth, np.float64)).astype(np.float32)
+    plan = ars_plan(st, tau, block, steps)
+    rot = plan["rotation"] if plan["path"] == "duquant" else hadamard_rotation(width, hadamard_kind)
+    row = {"J": float(plan["J"]), "path": plan["path"], "rotation": type(rot).__name__,
+           "block": int(plan["block"] if plan["path"] == "duquant" else getattr(rot, "block", width)),
+           "absmax_max": float(absmax.max()), "absmax_median": float(np.median(absmax))}
+    return rot, row
+
+
+def ars_params(params: Mapping, stats: Mapping, select: Callable[[str], bool], *, tau: float = DEFAULT_TAU,
+               block: int | None = None, steps: int = 8, hadamard_kind: str = "full") -> tuple[dict, list[dict]]:
+    """ARS on every selected float linear: each layer's rotation (:func:`ars_rotation`,
+    from its pooled calibration ``stats``, params-shaped) folded exactly into the layer by
+    :func:`jaxdq.quant.transforms.rotate_layer` (the float model's function is unchanged).
+
+    Returns ``(params, rows)``, one report row per rotated layer ``{"layer", "J", "path",
+    "rotation", "block", "absmax_max", "absmax_median"}`` in tree order.
+    """
+    from jaxdq.quant.layers import get_path
+    from jaxdq.quant.transforms import rotate_layer, transform_params
+
+    rows: list[dict] = []
+
+    def fn(path, layer):
+        rot, row = ars_rotation(get_path(stats, path), layer.in_features, tau, block, steps,
+                                smooth=layer.transform.smooth, hadamard_kind=hadamard_kind)
+        rows.append({"layer": path, **row})
+        return rotate_layer(layer, rot)
+
+    return transform_params(params, fn, select), rows
+
+
+def format_report(report: Any, tau: float | None = None) -> str:
+    """ARS report as text: one line per layer (J, path, rotation, salient-channel ratio
+    ``absmax_max / absmax_median``) and how many layers took each path.
+
+    ``report``: the rows of :func:`ars_params` / :func:`report`, a quantized model's
+    metadata ``report`` (``{"ars": rows, ...}``), the metadata dict itself, or a
+    :class:`jaxdq.models.sources.LoadedModel`.
+    """
+    meta = getattr(report, "metadata", report)
+    if isinstance(meta, Mapping):
+        meta = meta.get("report", meta)
+        if "ars" not in meta:
+            raise ValueError("no ARS report here (quantize with an lrq-dit recipe)")
+        if tau is None:
+            tau = meta.get("ars_tau")
+        rows = meta["ars"]
+    else:
+        rows = list(meta)
+    width = max([len("layer")] + [len(r["layer"]) for r in rows])
+    lines = [f"{'layer':<{width}}  {'J':>8}  {'path':<8}  {'rotation':<15}  {'block':>5}  {'max/median':>10}"]
+    for r in rows:
+        ratio = r.get("absmax_max", float("nan")) / max(r.get("absmax_median", float("nan")), 1e-30)
+        lines.append(f"{r['layer']:<{width}}  {r['J']:8.4f}  {r['path']:<8}  {r.get('rotation', ''):<15}  "
+                     f"{r.get('block', 0):>5}  {ratio:10.1f}")
+    n_dq = sum(r["path"] == "duquant" for r in rows)
+    head = f"τ = {tau}: " if tau is not None else ""
+    lines.append(f"{head}{len(rows) - n_dq} of {len(rows)} layers Hadamard (J < τ), {n_dq} DuQuant (J ≥ τ)")
+    return "\n".join(lines)
+
+
+def print_report(report: Any, tau: float | None = None, file=None) -> None:
+    """Print :func:`format_report` (to ``file``, default stdout)."""
+    print(format_report(report, tau), file=file)

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.quant.hadamard import fwht, hadamard_matrix
+from jaxdq.quant.walsh import fwht, hadamard_matrix
 
 __all__ = [
     "hadamard_base", "hadamard_order_split", "hadamard_matrix_full", "full_hadamard",

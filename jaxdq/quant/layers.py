@@ -17,11 +17,17 @@ Every linear computes the same reference forward, written once in :func:`forward
 accumulator form an int8 GEMM computes (:meth:`QLinear.product_int`).  Which one runs is
 not part of the layer: :mod:`jaxdq.backend` decides it.
 
+A 2-D convolution's params are the Flax-native ``{"kernel": [kh, kw, C_in, C_out] (HWIO),
+"bias"}`` (viewed as a :class:`FloatConv`) or a :class:`QConv`; the conv geometry (strides,
+padding) is the calling module's (:class:`ConvGeometry`).  The tree walkers see convs as
+layers too.
+
 Static numerical configuration (bits, granularity, packing, storage layout) is pytree aux
 data, so ``jax.jit`` specialises on it and ``jax.tree_util`` sees only arrays.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Optional
 
@@ -218,6 +224,32 @@ class QWeight:
         """float32 ``[C_in, C_out]``."""
         return dequantize(self.unpacked(), self.scale, self.zero, self.spec, kind="weight")
 
+    # -- the weight protocol (see QLinear): bits, stored_arrays, int_ok, int_product
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    def stored_arrays(self) -> list:
+        """The arrays this weight stores (codes, scales, zero points; what weight bytes count)."""
+        return [a for a in (self.codes, self.scale, self.zero) if a is not None]
+
+    @property
+    def int_ok(self) -> bool:
+        """Whether :meth:`int_product` computes this weight: symmetric, per channel or tensor."""
+        return self.spec.symmetric and self.spec.granularity in ("channel", "tensor")
+
+    def int_product(self, x_codes: Array, x_scale: Array) -> Array:
+        """int8 activation codes ``[..., C_in]`` × the codes as stored, int32 accumulation
+        (an "nk" layout is contracted in place, packed int4 through a ``jnp.int4`` view,
+        so a GEMV-like call reads each weight byte once), then ``s_x · s_w``: float32
+        ``[..., C_out]``."""
+        contract = 1 if self.layout == "nk" else 0
+        # FP8 (spec.fmt "e4m3"): float8 × float8 with an f32 accumulator (the fp8 GEMM on a GPU)
+        code, acc_t = (jnp.float8_e4m3fn, jnp.float32) if self.spec.fmt == "e4m3" else (jnp.int8, jnp.int32)
+        acc = jax.lax.dot_general(x_codes.astype(code), self.stored().astype(code),
+                                  (((x_codes.ndim - 1,), (contract,)), ((), ())), preferred_element_type=acc_t)
+        return acc.astype(jnp.float32) * x_scale * self.scale.astype(jnp.float32).reshape(-1)
+
     def to_layout(self, layout: str) -> "QWeight":
         """The same codes stored as ``layout`` ("kn" ``[C_in, C_out]`` or "nk" ``[C_out, C_in]``)."""
         if layout not in ("kn", "nk"):
@@ -237,12 +269,18 @@ class ActQuant:
     tensor at every call.  Static: ``scale``/``zero`` ``[]`` per tensor from calibration;
     per timestep: ``[S]`` with ``t [S]`` int32 the calibration timesteps, resolved to the
     nearest one by :func:`jaxdq.quant.timestep.at_timestep` before the layer runs.
+
+    split (static, Q-Diffusion's shortcut splitting; static qparams only): the input is a
+    channel concatenation ``[a, b]`` with ``a = x[..., :split]``, and each half has its own
+    range: ``scale``/``zero`` get a trailing axis of 2 (``[2]``, per timestep ``[S, 2]``),
+    entry 0 for ``a``, 1 for ``b``.  :meth:`parts` gives the two halves as plain ActQuants.
     """
 
     spec: QuantSpec = struct.field(pytree_node=False, default=QuantSpec(granularity="token"))
     scale: Optional[Array] = None
     zero: Optional[Array] = None
     t: Optional[Array] = None
+    split: Optional[int] = struct.field(pytree_node=False, default=None)
 
     @property
     def static(self) -> bool:
@@ -253,28 +291,53 @@ class ActQuant:
             raise ValueError("this layer has per-timestep activation qparams; resolve them with "
                              "jaxdq.quant.timestep.at_timestep(params, t) before calling the model")
 
+    def parts(self, channels: int) -> list[tuple[int, int, "ActQuant"]]:
+        """``[(lo, hi, act)]``: channel ranges of an input of ``channels`` channels and the
+        unsplit ActQuant of each (one entry without ``split``)."""
+        self.check_resolved()
+        if self.split is None:
+            return [(0, channels, self)]
+        if not 0 < self.split < channels:
+            raise ValueError(f"activation split {self.split} outside an input of {channels} channels")
+        half = lambda a, i: None if a is None else a[..., i]  # noqa: E731
+        return [(lo, hi, ActQuant(spec=self.spec, scale=half(self.scale, i), zero=half(self.zero, i)))
+                for i, (lo, hi) in enumerate(((0, self.split), (self.split, channels)))]
+
     def fake(self, x: Array) -> Array:
         """``Q_a(x)`` (quantize-dequantize), same shape and dtype."""
         self.check_resolved()
+        if self.split is not None:
+            return jnp.concatenate([a.fake(x[..., lo:hi]) for lo, hi, a in self.parts(x.shape[-1])], axis=-1)
         return fake_quant(x, self.spec, kind="activation", scale=self.scale, zero=self.zero)
 
     def codes(self, x: Array) -> tuple[Array, Array, Optional[Array]]:
-        """``(codes, scale, zero)`` of ``x`` (dynamic or the stored static qparams)."""
+        """``(codes, scale, zero)`` of ``x`` (dynamic or the stored static qparams); a split
+        activation has one (scale, zero) per half: take its :meth:`parts`."""
         self.check_resolved()
+        if self.split is not None:
+            raise ValueError("a split activation has one range per half: quantize its parts()")
         if self.static:
             return quantize(x, self.scale, self.zero, self.spec, kind="activation"), self.scale, self.zero
         scale, zero = compute_qparams(x, self.spec, kind="activation")
         return quantize(x, scale, zero, self.spec, kind="activation"), scale, zero
 
 
-def static_act_quant(lo, hi, spec: QuantSpec, t=None) -> ActQuant:
-    """Static :class:`ActQuant` for the range ``[lo, hi]`` (scalars, or ``[S]`` with ``t``);
-    the range is widened to include 0."""
+def static_act_quant(lo, hi, spec: QuantSpec, t=None, split: Optional[int] = None) -> ActQuant:
+    """Static :class:`ActQuant` for the range ``[lo, hi]`` (scalars, ``[S]`` with ``t``; with
+    ``split`` a trailing axis of 2, one range per half); the range is widened to include 0."""
     lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
     hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+    if split is not None and (lo.ndim == 0 or lo.shape[-1] != 2):
+        raise ValueError(f"a split activation needs ranges with a trailing axis of 2, got shape {lo.shape}")
     qp = lambda a, b: compute_qparams(jnp.stack([a, b]), spec, kind="activation")  # noqa: E731
-    scale, zero = jax.vmap(qp)(lo, hi) if lo.ndim else qp(lo, hi)
-    return ActQuant(spec=spec, scale=scale, zero=zero, t=None if t is None else jnp.asarray(t, jnp.int32))
+    if lo.ndim:  # one qparam pair per entry, whatever the leading shape
+        scale, zero = jax.vmap(qp)(lo.reshape(-1), hi.reshape(-1))
+        scale = scale.reshape(lo.shape)
+        zero = None if zero is None else zero.reshape(lo.shape)
+    else:
+        scale, zero = qp(lo, hi)
+    return ActQuant(spec=spec, scale=scale, zero=zero, t=None if t is None else jnp.asarray(t, jnp.int32),
+                    split=split)
 
 
 # --------------------------------------------------------------------------- quantized linear
@@ -283,12 +346,16 @@ class QLinear:
     """Quantized linear layer: ``Y = P(T(X)) + (T(X) L1) L2 + b`` with ``P`` the product of
     the quantized input and the dequantized integer weight.
 
-    weight: :class:`QWeight` of the (transformed) kernel; act: :class:`ActQuant`, or None
-    for weight-only quantization (float activations); bias: ``[C_out]`` or None;
-    transform: the :class:`InputTransform` carried over from the float layer.
+    weight: the (transformed) kernel's weight node: a :class:`QWeight` (uniform codes) or
+    any node of the weight protocol, e.g. :class:`jaxdq.quant.twinlog.TwinLogWeight`
+    (``shape`` ``(C_in, C_out)``, ``bits``, ``dequantize() -> float32 [C_in, C_out]``,
+    ``stored_arrays()``, ``int_ok`` and ``int_product(x_codes, x_scale)``, the integer
+    path's product); act: :class:`ActQuant`, or None for weight-only quantization (float
+    activations); bias: ``[C_out]`` or None; transform: the :class:`InputTransform`
+    carried over from the float layer.
     """
 
-    weight: QWeight
+    weight: Any
     act: Optional[ActQuant] = None
     bias: Optional[Array] = None
     transform: InputTransform = IDENTITY
@@ -303,7 +370,7 @@ class QLinear:
 
     @property
     def bits_label(self) -> str:
-        return f"W{self.weight.spec.bits}A{self.act.spec.bits if self.act else 16}"
+        return f"W{self.weight.bits}A{self.act.spec.bits if self.act else 16}"
 
     def product_fake(self, xt: Array) -> Array:
         """``Q_a(X') · deq(W_q)`` in float32 (the reference)."""
@@ -311,22 +378,20 @@ class QLinear:
         return jnp.dot(xq, self.weight.dequantize())
 
     def int_path_ok(self) -> bool:
-        """Whether :meth:`product_int` computes this layer: symmetric codes, one scale per
-        token/tensor for activations and per channel/tensor for weights."""
-        a, w = self.act, self.weight.spec
-        return (a is not None and a.spec.symmetric and w.symmetric
-                and a.spec.granularity in ("token", "tensor") and w.granularity in ("channel", "tensor"))
+        """Whether :meth:`product_int` computes this layer: symmetric activation codes with
+        one scale per token/tensor, and a weight whose ``int_ok`` holds (uniform: symmetric,
+        per channel/tensor; twin-log: an integer form was chosen)."""
+        a = self.act
+        return (a is not None and a.spec.symmetric and a.spec.granularity in ("token", "tensor")
+                and self.weight.int_ok
+                and a.spec.fmt == getattr(getattr(self.weight, "spec", None), "fmt", "int"))  # int8×int8 / fp8×fp8
 
     def product_int(self, xt: Array) -> Array:
-        """int8 codes × int8 codes with an int32 accumulator, then ``s_x · s_w``: what an
-        integer GEMM computes.  Reads the weight codes as stored (an "nk" layout is
-        contracted in place, packed int4 through a ``jnp.int4`` view), so a GEMV-like call
-        reads each weight byte once."""
+        """int8 activation codes × the weight's integer form with an int32 accumulator, then
+        the scales: what an integer GEMM computes (``weight.int_product``; a QWeight reads
+        its codes as stored, so a GEMV-like call reads each weight byte once)."""
         codes, s_x, _ = self.act.codes(xt)
-        contract = 1 if self.weight.layout == "nk" else 0
-        acc = jax.lax.dot_general(codes.astype(jnp.int8), self.weight.stored().astype(jnp.int8),
-                                  (((xt.ndim - 1,), (contract,)), ((), ())), preferred_element_type=jnp.int32)
-        y = acc.astype(jnp.float32) * s_x * self.weight.scale.astype(jnp.float32).reshape(-1)
+        y = self.weight.int_product(codes, s_x)
         # NaN/inf policy: integer codes cannot carry a non-finite input; its output row is NaN
         return jnp.where(jnp.all(jnp.isfinite(xt), axis=-1, keepdims=True), y, jnp.nan)
 
@@ -340,15 +405,87 @@ class QLinear:
         return FloatLinear(kernel=self.weight.dequantize(), bias=self.bias, transform=self.transform)
 
 
-# --------------------------------------------------------------------------- quantized conv
+# --------------------------------------------------------------------------- convolutions
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """How a 2-D convolution slides: NHWC input, HWIO kernel, ``strides (sh, sw)`` and
+    explicit ``padding ((top, bottom), (left, right))`` (hashable: static jit data).  Owned
+    by the module that calls the layer (:class:`jaxdq.nn.Conv`), not stored in params."""
+
+    strides: tuple = (1, 1)
+    padding: tuple = ((0, 0), (0, 0))
+
+    def __call__(self, x: Array, kernel: Array, preferred_element_type=None) -> Array:
+        """``conv(x [N, H, W, C_in], kernel [kh, kw, C_in, C_out]) -> [N, H', W', C_out]``
+        (XLA's convolution; ``preferred_element_type=jnp.int32`` for int8 operands)."""
+        return jax.lax.conv_general_dilated(x, kernel, tuple(self.strides), tuple(map(tuple, self.padding)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            preferred_element_type=preferred_element_type)
+
+    def patches(self, x: Array, kh: int, kw: int) -> Array:
+        """im2col by slicing (any dtype, integer included): ``[N, H', W', kh·kw·C_in]`` with
+        the feature axis in the kernel's HWI order, so ``patches @ kernel.reshape(-1, C_out)``
+        is the convolution."""
+        (pt, pb), (pl, pr) = self.padding
+        sh, sw = self.strides
+        xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        ho = (xp.shape[1] - kh) // sh + 1
+        wo = (xp.shape[2] - kw) // sw + 1
+        cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
+        return jnp.concatenate(cols, axis=-1)
+
+
+def conv_geometry(kernel_size: int, stride: int = 1, padding=None) -> ConvGeometry:
+    """The geometry of a square ``kernel_size`` conv: ``padding`` an int p (p on every side),
+    explicit ``((top, bottom), (left, right))``, or None for ``kernel_size // 2`` ("same")."""
+    if padding is None:
+        padding = kernel_size // 2
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return ConvGeometry(strides=(int(stride), int(stride)),
+                        padding=tuple((int(a), int(b)) for a, b in padding))
+
+
+@struct.dataclass
+class FloatConv:
+    """A float 2-D convolution ``conv(x, kernel) + bias`` (the typed view of the Flax-native
+    ``{"kernel": [kh, kw, C_in, C_out] (HWIO), "bias": [C_out]}`` dict, :func:`as_layer`).
+    Computed in ``x.dtype``, as ``flax.linen.Conv`` does."""
+
+    kernel: Array
+    bias: Optional[Array] = None
+
+    @property
+    def kernel_shape(self) -> tuple:
+        return tuple(int(d) for d in self.kernel.shape)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.kernel.shape[2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.kernel.shape[3])
+
+    def __call__(self, x: Array, geom: ConvGeometry) -> Array:
+        """``x [N, H, W, C_in]`` → ``[N, H', W', C_out]`` in ``x.dtype``."""
+        y = geom(x, self.kernel.astype(x.dtype))
+        return y if self.bias is None else y + self.bias.astype(x.dtype)
+
+
 @struct.dataclass
 class QConv:
-    """Quantized 2-D convolution (NHWC input, HWIO kernel) — the slot the UNet convolutions
-    fill (TFMQ-DM issue).
+    """Quantized 2-D convolution (NHWC input, HWIO kernel): ``conv(Q_a(x), deq(W_q)) + b``.
 
     weight: :class:`QWeight` of the kernel flattened to ``[kh·kw·C_in, C_out]`` (per output
-    channel); kernel_shape: static ``(kh, kw, C_in, C_out)``; act: :class:`ActQuant` of the
-    input (static per tensor or per timestep), or None; bias: ``[C_out]`` or None.
+    channel; 4-bit codes packed two per byte along C_out); kernel_shape: static
+    ``(kh, kw, C_in, C_out)``; act: :class:`ActQuant` of the input (static per tensor, per
+    timestep, or split in two halves of the channel concatenation), or None (float
+    activations); bias: ``[C_out]`` or None.
+
+    Two implementations of the same function (:mod:`jaxdq.backend` picks one):
+    :meth:`conv_fake` (float32 conv of the dequantized operands) and :meth:`conv_int`
+    (int8 codes ⊛ int8 codes, int32 accumulation, then the scales).
     """
 
     weight: QWeight
@@ -359,26 +496,100 @@ class QConv:
     @classmethod
     def from_kernel(cls, kernel: Array, bias: Optional[Array], spec: QuantSpec, *, pack: bool = False,
                     act: Optional[ActQuant] = None) -> "QConv":
+        """Round-to-nearest quantization of a float HWIO kernel (``spec``: "channel" = per
+        output channel, or "tensor")."""
         k = jnp.asarray(kernel, jnp.float32)
         w = QWeight.from_kernel(k.reshape(-1, k.shape[-1]), spec, pack=pack)
         return cls(weight=w, act=act, bias=None if bias is None else jnp.asarray(bias, jnp.float32),
                    kernel_shape=tuple(int(d) for d in k.shape))
 
+    @property
+    def in_features(self) -> int:
+        return int(self.kernel_shape[2])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.kernel_shape[3])
+
     def dequantized_kernel(self) -> Array:
         """float32 HWIO kernel ``[kh, kw, C_in, C_out]``."""
         return self.weight.dequantize().reshape(self.kernel_shape)
 
+    def dequantized(self) -> FloatConv:
+        """The float conv with the weights this layer effectively uses (activation
+        quantization dropped)."""
+        return FloatConv(kernel=self.dequantized_kernel(), bias=self.bias)
+
     def conv_fake(self, x: Array, conv: Callable[[Array, Array], Array]) -> Array:
-        """``conv(Q_a(x), deq(W))`` in float32, + bias; ``conv(x, kernel)`` carries the geometry."""
+        """``conv(Q_a(x), deq(W))`` in float32, + bias: the reference.  ``conv(x, kernel)``
+        carries the geometry (a :class:`ConvGeometry`).  ``x [N, H, W, C_in]`` → float32."""
         xq = x.astype(jnp.float32)
         if self.act is not None:
             xq = self.act.fake(xq)
         y = conv(xq, self.dequantized_kernel())
         return y if self.bias is None else y + self.bias.astype(jnp.float32)
 
+    def int_path_ok(self) -> bool:
+        """Whether :meth:`conv_int` computes this layer: activations quantized per tensor
+        (static, per timestep once resolved, split or dynamic; symmetric or asymmetric, the
+        zero point handled exactly), weights symmetric per output channel or per tensor."""
+        a = self.act
+        return (a is not None and a.spec.granularity == "tensor" and isinstance(self.weight, QWeight)
+                and self.weight.spec.symmetric and self.weight.spec.granularity in ("channel", "tensor"))
+
+    def conv_int(self, x: Array, geom: ConvGeometry, impl: str = "xla") -> Array:
+        """The integer convolution: per input part (the whole input, or the two halves of a
+        split activation) int8 activation codes ⊛ int8 weight codes with an int32
+        accumulator, scaled by ``s_x · s_w``; float32 ``[N, H', W', C_out]`` (+ bias).
+
+        Asymmetric activation codes ``q ∈ [0, 2^b)`` are shifted to int8 (``q − 2^(b−1)``) and
+        the shift and zero point come back exactly: ``x̂ = s (q − z)`` so
+        ``x̂ ⊛ W = s s_w [(q − 2^(b−1)) ⊛ W_q + (2^(b−1) − z) (1 ⊛ W_q)]``, with ``1 ⊛ W_q``
+        the conv of an all-ones image (zero padding included).  ``impl``: "xla" (XLA's
+        convolution on int8 operands, ``preferred_element_type=int32``) or "im2col"
+        (patches by slicing, then an int8 × int8 → int32 dot).
+        """
+        if impl not in ("xla", "im2col"):
+            raise ValueError(f"integer conv impl must be 'xla' or 'im2col', got {impl!r}")
+        kh, kw, c_in, c_out = self.kernel_shape
+        w_codes = self.weight.unpacked().astype(jnp.int8)  # [kh·kw·C_in, C_out]
+        s_w = self.weight.scale.astype(jnp.float32).reshape(-1)
+        xf = x.astype(jnp.float32)
+
+        def iconv(codes, lo, hi):
+            if impl == "xla":
+                w = w_codes.reshape(kh, kw, c_in, c_out)[:, :, lo:hi]
+                return geom(codes, w, preferred_element_type=jnp.int32)
+            w = w_codes.reshape(kh, kw, c_in, c_out)[:, :, lo:hi].reshape(-1, c_out)
+            cols = geom.patches(codes, kh, kw)
+            return jax.lax.dot_general(cols, w, (((cols.ndim - 1,), (0,)), ((), ())),
+                                       preferred_element_type=jnp.int32)
+
+        y = None
+        for lo, hi, a in self.act.parts(c_in):
+            q, s_x, z = a.codes(xf[..., lo:hi])
+            if a.spec.symmetric:
+                acc = iconv(q.astype(jnp.int8), lo, hi).astype(jnp.float32)
+            else:
+                shift = 2 ** (a.spec.bits - 1)
+                q8 = (q.astype(jnp.int32) - shift).astype(jnp.int8)
+                ones = jnp.ones((1,) + q.shape[1:], jnp.int8)  # one image: the zero-padding border pattern
+                acc = (iconv(q8, lo, hi).astype(jnp.float32)
+                       + (shift - jnp.asarray(z, jnp.float32)) * iconv(ones, lo, hi).astype(jnp.float32))
+            part = acc * jnp.asarray(s_x, jnp.float32) * s_w
+            y = part if y is None else y + part
+        if self.bias is not None:
+            y = y + self.bias.astype(jnp.float32)
+        # NaN/inf policy: integer codes cannot carry a non-finite input; that sample's output is NaN
+        return jnp.where(jnp.all(jnp.isfinite(xf), axis=(1, 2, 3), keepdims=True), y, jnp.nan)
+
+    def __call__(self, x: Array, geom: ConvGeometry) -> Array:
+        """The fake-quant reference forward (the backend may run another implementation)."""
+        return self.conv_fake(x, geom)
+
 
 # --------------------------------------------------------------------------- tree access
-LAYER_TYPES = (FloatLinear, QLinear, QConv)
+LAYER_TYPES = (FloatLinear, QLinear, FloatConv, QConv)
 
 
 @struct.dataclass
@@ -407,18 +618,29 @@ def is_float_dict(node: Any) -> bool:
             and set(node) <= {"kernel", "bias"})
 
 
+def is_float_conv_dict(node: Any) -> bool:
+    """The Flax-native float 2-D convolution: a dict holding a 4-D HWIO ``"kernel"`` (and maybe ``"bias"``)."""
+    return (isinstance(node, Mapping) and "kernel" in node and getattr(node["kernel"], "ndim", 0) == 4
+            and set(node) <= {"kernel", "bias"})
+
+
 def as_layer(node: Any) -> Optional[Any]:
     """``node`` as a typed layer: a layer (or time-dependent layer node) itself, a float
-    dict as a :class:`FloatLinear`, anything else None."""
+    dict as a :class:`FloatLinear` (2-D kernel) or :class:`FloatConv` (4-D HWIO kernel),
+    anything else None."""
     if isinstance(node, LAYER_TYPES + (Segmented,)):
         return node
     if is_float_dict(node):
         return FloatLinear(kernel=node["kernel"], bias=node.get("bias"))
+    if is_float_conv_dict(node):
+        return FloatConv(kernel=node["kernel"], bias=node.get("bias"))
     return None
 
 
 def to_node(layer: Any) -> Any:
     """Inverse of :func:`as_layer`: a plain float layer goes back to its Flax-native dict."""
+    if isinstance(layer, FloatConv):
+        return {"kernel": layer.kernel} if layer.bias is None else {"kernel": layer.kernel, "bias": layer.bias}
     if isinstance(layer, FloatLinear) and layer.transform.is_identity:
         out = {"kernel": layer.kernel}
         if layer.bias is not None:
@@ -428,8 +650,8 @@ def to_node(layer: Any) -> Any:
 
 
 def iter_layers(params: Mapping, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(path, layer)`` for every linear layer (float, quantized or time-dependent) of a
-    params tree; ``path`` is the ``/``-joined module path (``"blocks_3/attn/qkv"``)."""
+    """``(path, layer)`` for every linear or conv layer (float, quantized or time-dependent)
+    of a params tree; ``path`` is the ``/``-joined module path (``"blocks_3/attn/qkv"``)."""
     for key, node in params.items():
         path = f"{prefix}/{key}" if prefix else str(key)
         layer = as_layer(node)
@@ -475,18 +697,19 @@ def set_path(tree: dict, path: str, value: Any) -> None:
 
 
 def weight_arrays(layer: Any) -> list[Array]:
-    """The stored weight arrays of one layer: codes, scales, zero points, low-rank factors
-    and smoothing vector of a quantized layer, or the kernel (and factors) of a float one;
-    biases and activation qparams excluded."""
+    """The stored weight arrays of one layer: the weight node's ``stored_arrays()`` (codes,
+    scales, zero points; twin-log params), low-rank factors, smoothing vector and the
+    rotation node's arrays (none for a Hadamard; DuQuant's blocks and permutation) of a
+    quantized layer, or the kernel (and transforms) of a float one; biases and activation
+    qparams excluded."""
     if isinstance(layer, Segmented):
         return [a for v in layer.variants for a in weight_arrays(v)]
     if isinstance(layer, (QLinear, QConv)):
-        w = layer.weight
-        arrays = [w.codes, w.scale, w.zero]
+        arrays = list(layer.weight.stored_arrays())
     else:
         arrays = [layer.kernel]
     t = getattr(layer, "transform", IDENTITY)
-    arrays += [t.smooth, t.lowrank_a, t.lowrank_b]
+    arrays += [t.smooth, t.lowrank_a, t.lowrank_b] + jax.tree_util.tree_leaves(t.rotation)
     return [a for a in arrays if a is not None]
 
 
@@ -507,7 +730,7 @@ def bits_label(layer: Any) -> str:
         labels = {bits_label(v) for v in layer.variants}
         return labels.pop() if len(labels) == 1 else "/".join(sorted(labels))
     if isinstance(layer, (QLinear, QConv)):
-        return f"W{layer.weight.spec.bits}A{layer.act.spec.bits if layer.act else 16}"
+        return f"W{layer.weight.bits}A{layer.act.spec.bits if layer.act else 16}"
     return "float"
 
 

@@ -48,8 +48,10 @@ __all__ = [
 ]
 
 GRANULARITIES = ("tensor", "channel", "token", "group")
-RANGES = ("minmax", "mse")
+RANGES = ("minmax", "mse", "percentile")
 KINDS = ("weight", "activation")
+FORMATS = ("int", "e4m3")  # integer codes, or FP8 float8_e4m3fn codes (QuantSpec.fmt)
+E4M3_MAX = 448  # the largest finite float8_e4m3fn
 _TINY = 1e-8
 
 
@@ -63,8 +65,16 @@ class QuantSpec:
 
     bits: 2..8.  symmetric: signed codes, no zero point.  granularity: "tensor" |
     "channel" (weights) | "token" (activations) | "group" (needs ``group_size``).
-    range: "minmax", or "mse" (per scale group, the clipping ratio in
-    ``linspace(mse_min_ratio, 1, mse_grid)`` with least squared error).
+    range: "minmax", "mse" (per scale group, the clipping ratio in
+    ``linspace(mse_min_ratio, 1, mse_grid)`` with least squared error) or "percentile"
+    (per scale group, the range clipped at the ``percentile``-th percentile: symmetric
+    ``absmax = P_p(|x|)``; asymmetric ``[P_{100-p}(x), P_p(x)]``, linear interpolation
+    between order statistics as NumPy's default; values outside are clamped).
+    percentile: in (50, 100]; 100 is min-max.  Read only with ``range="percentile"``.
+    fmt: "int" (uniform integer codes) or "e4m3" (FP8: codes are float8_e4m3fn values, the
+      scale ``absmax / 448``, ``x / s`` rounded to nearest even on the e4m3 grid by the cast
+      and saturated at ±448; symmetric, bits 8, no zero point; fake quantization is the
+      cast through ``jnp.float8_e4m3fn``).
     """
 
     bits: int = 8
@@ -74,6 +84,8 @@ class QuantSpec:
     range: str = "minmax"
     mse_grid: int = 80
     mse_min_ratio: float = 0.3
+    percentile: float = 99.9
+    fmt: str = "int"
 
     def __post_init__(self):
         if not _is_int(self.bits) or not 2 <= self.bits <= 8:
@@ -93,17 +105,31 @@ class QuantSpec:
         if (not isinstance(self.mse_min_ratio, numbers.Real) or isinstance(self.mse_min_ratio, bool)
                 or not 0.0 < self.mse_min_ratio <= 1.0):
             raise ValueError(f"mse_min_ratio must be a float in (0, 1], got {self.mse_min_ratio!r}")
+        if (not isinstance(self.percentile, numbers.Real) or isinstance(self.percentile, bool)
+                or not 50.0 < self.percentile <= 100.0):
+            raise ValueError(f"percentile must be a number in (50, 100], got {self.percentile!r}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"fmt must be one of {FORMATS}, got {self.fmt!r}")
+        if self.fmt == "e4m3" and (self.bits != 8 or not self.symmetric):
+            raise ValueError(f"fmt 'e4m3' (FP8) is symmetric with bits 8, got bits={self.bits}, "
+                             f"symmetric={self.symmetric}")
 
     @property
     def qmin(self) -> int:
+        if self.fmt == "e4m3":
+            return -E4M3_MAX
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
+        if self.fmt == "e4m3":
+            return E4M3_MAX
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
 
     @property
     def code_dtype(self):
+        if self.fmt == "e4m3":
+            return jnp.float8_e4m3fn
         return jnp.int8 if self.symmetric else jnp.uint8
 
 
@@ -176,7 +202,10 @@ def _params_from_range(lo: jax.Array, hi: jax.Array, spec: QuantSpec):
 
 
 def _codes(x: jax.Array, s: jax.Array, z: Optional[jax.Array], spec: QuantSpec) -> jax.Array:
-    """float32 integer-valued codes ``clamp(round(x / s) + z, qmin, qmax)``."""
+    """float32 integer-valued codes ``clamp(round(x / s) + z, qmin, qmax)`` (FP8: ``x / s``
+    saturated at ±448 and rounded to the nearest float8_e4m3fn, ties to even, by the cast)."""
+    if spec.fmt == "e4m3":
+        return jnp.clip(x / s, spec.qmin, spec.qmax).astype(jnp.float8_e4m3fn).astype(jnp.float32)
     q = jnp.round(x / s)
     if z is not None:
         q = q + z
@@ -211,6 +240,20 @@ def _mse_params(xg: jax.Array, lo: jax.Array, hi: jax.Array, axes: tuple[int, ..
     return s, None if spec.symmetric else z
 
 
+def _percentile_range(x: jax.Array, finite: jax.Array, axes: tuple[int, ...], spec: QuantSpec):
+    """Per scale group ``(lo, hi)`` (keepdims) at the spec's percentile; non-finite values
+    are left out (a group with none finite gets 0)."""
+    q = spec.percentile / 100.0
+    xn = jnp.where(finite, x, jnp.nan)
+    if spec.symmetric:
+        hi = jnp.nanquantile(jnp.abs(xn), q, axis=axes, keepdims=True)
+        hi = jnp.where(jnp.isnan(hi), 0.0, hi)
+        return -hi, hi
+    lo = jnp.nanquantile(xn, 1.0 - q, axis=axes, keepdims=True)
+    hi = jnp.nanquantile(xn, q, axis=axes, keepdims=True)
+    return jnp.where(jnp.isnan(lo), 0.0, lo), jnp.where(jnp.isnan(hi), 0.0, hi)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "kind"))
 def compute_qparams(x: jax.Array, spec: QuantSpec, *, kind: str):
     """Scale and zero point of ``x`` for ``spec``.
@@ -224,10 +267,14 @@ def compute_qparams(x: jax.Array, spec: QuantSpec, *, kind: str):
     """
     _check_kind(spec, kind)
     xf = jnp.asarray(x, jnp.float32)
-    xf = jnp.where(jnp.isfinite(xf), xf, 0.0)  # non-finite values do not set the range
+    finite = jnp.isfinite(xf)
+    xf = jnp.where(finite, xf, 0.0)  # non-finite values do not set the range
     xg, axes = _grouped(xf, spec, kind)
-    lo = jnp.min(xg, axis=axes, keepdims=True)
-    hi = jnp.max(xg, axis=axes, keepdims=True)
+    if spec.range == "percentile":
+        lo, hi = _percentile_range(xg, _grouped(finite, spec, kind)[0], axes, spec)
+    else:
+        lo = jnp.min(xg, axis=axes, keepdims=True)
+        hi = jnp.max(xg, axis=axes, keepdims=True)
     if spec.range == "mse":
         s, z = _mse_params(xg, lo, hi, axes, spec)
     else:

@@ -37,7 +37,8 @@ def segment_of(t: jax.Array, bounds: Sequence[int]) -> jax.Array:
 def segment_bounds(timesteps: Sequence[int], num_segments: int) -> tuple[int, ...]:
     """Thresholds splitting a descending sampling timestep list into ``num_segments``
     runs of (nearly) equal length: segment k holds steps ``[k·S/K, (k+1)·S/K)``."""
-    ts = [int(t) for t in timesteps]
+    # integer DDPM timesteps stay ints (as checkpoints store them); flow-matching sigmas stay floats
+    ts = [int(t) if float(t).is_integer() else float(t) for t in timesteps]
     n = len(ts)
     cuts = [round(k * n / num_segments) for k in range(1, num_segments)]
     # threshold between step c-1 (larger t) and step c: t_c < b <= t_{c-1}

@@ -77,6 +77,19 @@ dequantized activations ``x̂``, per output channel
 integer weights ``w_int = ±m << (f − f_min)`` and one shift ``f_min − I`` per
 column; :func:`twinlog_int_matmul` multiplies int8 activation codes by them with
 int32 accumulation (exact while :func:`int_accumulation_exact` holds).
+
+The layer node
+--------------
+:class:`TwinLogWeight` is a registered pytree node (codes and eq. 7's params as
+arrays; bits, packing and the integer form's ``I`` static) that a
+:class:`jaxdq.quant.layers.QLinear` holds as its weight.  A rule quantizes a layer
+with it by giving a :class:`TwinLogSpec` as the weight spec of a
+:class:`jaxdq.quant.rules.LayerQuant` (:meth:`TwinLogSpec.quantize_weight`).  Its
+integer path uses ``I`` = :func:`choose_frac_bits`, picked at quantization time: the
+largest ``I ≤ MAX_FRAC_BITS`` for which int32 accumulation of the layer's
+activation codes against ``w_int`` cannot overflow over a K chunk of
+``INT_CHUNK`` = 128 input channels (partial sums added in float32, as a tiled
+integer GEMM does; −1: no integer path).
 """
 from __future__ import annotations
 
@@ -87,12 +100,14 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 __all__ = [
     "TwinLogSpec", "TwinLogWeight", "TwinLogInt", "minmax_params", "clip_params", "encode",
     "decode", "search_weight_error", "refine_output_error", "quantize_twinlog",
     "fake_quant_twinlog", "pack_codes", "unpack_codes", "int_form", "int_dequantize",
-    "int_error_bound", "int_accumulation_exact", "twinlog_int_matmul", "level_sets",
+    "int_error_bound", "int_accumulation_exact", "twinlog_int_matmul", "level_sets", "choose_frac_bits",
+    "MAX_FRAC_BITS", "INT_CHUNK",
 ]
 
 _TINY = 1e-30   # floor for an absent side's max (its params are then never used)
@@ -106,7 +121,8 @@ class TwinLogSpec:
     bits: 2..8 (code format in the module docstring).  search: grid search of
     (α, s⁺) and (β, s⁻) per column; False gives the literal min-max log range with
     α = β = 1.  zero_underflow: entries nearer to 0 than to their side's lowest
-    level get the zero code.
+    level get the zero code.  objective: "weight" (‖W − W_f‖²) or "output" (then
+    refined on ‖X W − X W_f‖² over the layer's calibration tokens).
     """
 
     bits: int = 4
@@ -117,14 +133,32 @@ class TwinLogSpec:
     step_max: float = 2.0
     step_grid: int = 19
     zero_underflow: bool = True
+    objective: str = "weight"
 
     def __post_init__(self):
+        if self.objective not in ("weight", "output"):
+            raise ValueError(f"objective must be 'weight' or 'output', got {self.objective!r}")
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be an int in 2..8, got {self.bits!r}")
         if not 0.0 < self.alpha_min <= 1.0 or self.alpha_grid < 1:
             raise ValueError("need 0 < alpha_min <= 1 and alpha_grid >= 1")
         if not _MIN_STEP <= self.step_min <= self.step_max or self.step_grid < 1:
             raise ValueError(f"need {_MIN_STEP} <= step_min <= step_max and step_grid >= 1")
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether quantizing needs the layer's calibration tokens (output-error search)."""
+        return self.search and self.objective == "output"
+
+    def quantize_weight(self, kernel: jax.Array, *, pack: bool = True, x: Optional[jax.Array] = None,
+                        act_bits: int = 8) -> "TwinLogWeight":
+        """The weight node of ``kernel [C_in, C_out]`` (:meth:`TwinLogWeight.from_kernel`);
+        ``x`` (the layer's transformed calibration tokens) is used when ``objective`` is
+        "output".  The hook :func:`jaxdq.quant.rules.quantize_linear` calls."""
+        if self.needs_samples and x is None:
+            raise ValueError("twin-log output-error search needs the layer's calibration tokens (samples)")
+        return TwinLogWeight.from_kernel(kernel, self, pack=pack, x=x if self.needs_samples else None,
+                                         act_bits=act_bits)
 
     @property
     def levels_pos(self) -> int:
@@ -142,11 +176,23 @@ class TwinLogSpec:
         return aa.reshape(-1), ss.reshape(-1)
 
 
-class TwinLogWeight(NamedTuple):
-    """A twin-log quantized weight (a pytree of arrays).
+@struct.dataclass
+class TwinLogWeight:
+    """A twin-log quantized ``[C_in, C_out]`` weight: the weight node of a
+    :class:`jaxdq.quant.layers.QLinear` (``QLinear(weight=TwinLogWeight(...))``).
 
-    codes: int8 ``[C_in, C_out]`` (unpacked; module docstring format).
+    codes: the b-bit codes of the module docstring, int8 ``[C_in, C_out]``, or, with
+      ``packed``, uint8 ``[C_in, C_out·b/8]`` (:func:`pack_codes` along C_out: 4 bit two
+      per byte, 3 bit eight per three bytes).
     s_pos, z_pos, s_neg, z_neg: float32 ``[1, C_out]``, eq. 7's per-column params.
+    bits (static): b.  packed (static): whether ``codes`` is packed.
+    frac_bits (static): the integer form's ``I`` (:func:`int_form`) that the layer's
+      integer path uses, chosen when quantizing so that int32 accumulation is exact
+      (:func:`choose_frac_bits`); −1: no integer path (the layer runs fake-quant).
+
+    The weight protocol every QLinear weight follows (:class:`jaxdq.quant.layers.QWeight`
+    too): ``shape``, ``bits``, ``dequantize()``, ``stored_arrays()``, ``int_ok`` and
+    ``int_product(x_codes, x_scale)``.
     """
 
     codes: jax.Array
@@ -154,6 +200,70 @@ class TwinLogWeight(NamedTuple):
     z_pos: jax.Array
     s_neg: jax.Array
     z_neg: jax.Array
+    bits: int = struct.field(pytree_node=False, default=8)
+    packed: bool = struct.field(pytree_node=False, default=False)
+    frac_bits: int = struct.field(pytree_node=False, default=-1)
+
+    @classmethod
+    def from_kernel(cls, kernel: jax.Array, spec: "TwinLogSpec", *, pack: bool = True, x: Optional[jax.Array] = None,
+                    act_bits: int = 8, frac_bits: Optional[int] = None) -> "TwinLogWeight":
+        """Twin-log quantize a float ``[C_in, C_out]`` kernel (:func:`quantize_twinlog`).
+
+        pack: pack the codes when ``C_out · bits`` fills whole bytes (else stored int8).
+        x: calibration tokens ``[n, C_in]`` of the layer's (transformed) input: refine the
+          search on the output error.  act_bits: the activation bits the integer path
+          multiplies (sets the int32 headroom).  frac_bits: the integer form's ``I``
+          (default :func:`choose_frac_bits`).
+        """
+        w = np.asarray(kernel, np.float32)
+        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+        if bad:
+            raise ValueError(f"weight {tuple(w.shape)} holds {bad} NaN/inf values; refusing to quantize it")
+        tw, wmax = _quantize_by_columns(jnp.asarray(w), spec, x)
+        fb = _frac_bits_from_wmax(wmax, w.shape[0], act_bits) if frac_bits is None else int(frac_bits)
+        tw = tw.replace(frac_bits=fb)
+        if pack and (w.shape[1] * spec.bits) % 8 == 0 and spec.bits < 8:
+            tw = tw.replace(codes=pack_codes(tw.codes, spec.bits), packed=True)
+        return tw
+
+    @property
+    def params(self) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """``(s_pos, z_pos, s_neg, z_neg)``."""
+        return self.s_pos, self.z_pos, self.s_neg, self.z_neg
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(C_in, C_out)``."""
+        rows, cols = self.codes.shape
+        return (int(rows), int(cols) * 8 // self.bits if self.packed else int(cols))
+
+    def unpacked(self) -> jax.Array:
+        """int8 codes ``[C_in, C_out]`` whatever the storage."""
+        return unpack_codes(self.codes, self.bits) if self.packed else self.codes
+
+    def dequantize(self) -> jax.Array:
+        """Eq. 7: float32 ``W_f [C_in, C_out]``."""
+        return decode(self)
+
+    def stored_arrays(self) -> list:
+        """The arrays this weight stores (what weight bytes count)."""
+        return [self.codes, *self.params]
+
+    @property
+    def int_ok(self) -> bool:
+        """Whether the layer's integer path applies (a ``frac_bits`` was chosen)."""
+        return self.frac_bits >= 0
+
+    def int_form(self) -> "TwinLogInt":
+        """:func:`int_form` with this weight's ``frac_bits``."""
+        return int_form(self, self.frac_bits)
+
+    def int_product(self, x_codes: jax.Array, x_scale: jax.Array) -> jax.Array:
+        """Integer path: int8 activation codes × the shift/multiply weights ``w_int``, int32
+        accumulation per :data:`INT_CHUNK` input channels, then ``x_scale · 2^shift``
+        (:func:`twinlog_int_matmul`); float32 ``[..., C_out]``, within
+        :func:`int_error_bound` of the fake-quant product."""
+        return twinlog_int_matmul(x_codes, x_scale, self.int_form(), INT_CHUNK)
 
 
 class TwinLogInt(NamedTuple):
@@ -251,7 +361,7 @@ def encode(w: jax.Array, s_pos, z_pos, s_neg, z_neg, spec: TwinLogSpec) -> jax.A
 @jax.jit
 def decode(tw: TwinLogWeight) -> jax.Array:
     """Eq. 7: float32 ``W_f [C_in, C_out]`` of a :class:`TwinLogWeight`."""
-    c = tw.codes.astype(jnp.float32)
+    c = tw.unpacked().astype(jnp.float32)
     pos = jnp.exp2(tw.s_pos * (c - 1 + tw.z_pos))
     neg = jnp.exp2(tw.s_neg * (-c - 1 + tw.z_neg))
     return jnp.where(c > 0, pos, 0.0) - jnp.where(c < 0, neg, 0.0)
@@ -367,7 +477,37 @@ def quantize_twinlog(w: jax.Array, spec: TwinLogSpec, x: Optional[jax.Array] = N
     params = search_weight_error(w, spec)
     if x is not None and spec.search:
         params = refine_output_error(w, x, params, spec, rounds)
-    return TwinLogWeight(encode(w, *params, spec), *params)
+    return TwinLogWeight(encode(w, *params, spec), *params, bits=spec.bits)
+
+
+#: :meth:`TwinLogWeight.from_kernel` quantizes a weight in blocks of this many output
+#: columns (the last zero-padded): every step is per column, so the result is the same as
+#: one call on the whole weight, and the jitted search / encode / frac-bits functions
+#: compile once per C_in instead of once per layer shape (most of a model's quantize time).
+COLUMN_BLOCK = 128
+
+
+def _quantize_by_columns(w: jax.Array, spec: TwinLogSpec, x: Optional[jax.Array]):
+    """:func:`quantize_twinlog` of ``w [C_in, C_out]`` by :data:`COLUMN_BLOCK` columns, and the
+    float64 ``[MAX_FRAC_BITS + 1]`` ``max|w_int|`` per ``I`` (:func:`choose_frac_bits`)."""
+    n = w.shape[1]
+    cb = COLUMN_BLOCK if n > COLUMN_BLOCK else n
+    pad = (-n) % cb
+    wp = jnp.pad(w, ((0, 0), (0, pad))) if pad else w   # zero columns: zero codes, sliced off
+    parts = [quantize_twinlog(wp[:, i:i + cb], spec, x) for i in range(0, n + pad, cb)]
+    wmax = np.max([np.asarray(_max_w_int(p, MAX_FRAC_BITS + 1), np.float64) for p in parts], axis=0)
+    if len(parts) == 1 and not pad:
+        return parts[0], wmax
+    cat = lambda f: jnp.concatenate([getattr(p, f) for p in parts], axis=1)[:, :n]  # noqa: E731
+    return TwinLogWeight(cat("codes"), cat("s_pos"), cat("z_pos"), cat("s_neg"), cat("z_neg"), bits=spec.bits), wmax
+
+
+def _frac_bits_from_wmax(wmax: np.ndarray, c_in: int, act_bits: int = 8, chunk: int = None) -> int:
+    """:func:`choose_frac_bits` from ``max|w_int|`` per ``I = 0 … len(wmax) − 1``."""
+    chunk = INT_CHUNK if chunk is None else chunk
+    k = min(c_in, chunk) if chunk else c_in
+    ok = (2.0 ** (act_bits - 1)) * np.asarray(wmax, np.float64) * k < 2.0 ** 31
+    return int(np.flatnonzero(ok).max()) if ok.any() else -1
 
 
 def fake_quant_twinlog(w: jax.Array, spec: TwinLogSpec, x: Optional[jax.Array] = None) -> jax.Array:
@@ -378,7 +518,7 @@ def fake_quant_twinlog(w: jax.Array, spec: TwinLogSpec, x: Optional[jax.Array] =
 def level_sets(tw: TwinLogWeight, column: int, bits: int) -> np.ndarray:
     """Sorted float64 values that column ``column`` of a ``bits``-bit weight can take
     (zero included): ``{0} ∪ {2^{s⁺(q+z⁺)}} ∪ {−2^{s⁻(q+z⁻)}}``."""
-    sp, zp, sn, zn = (float(np.asarray(v, np.float64)[0, column]) for v in tw[1:])
+    sp, zp, sn, zn = (float(np.asarray(v, np.float64)[0, column]) for v in tw.params)
     pos = [2.0 ** (sp * (q + zp)) for q in range(2 ** (bits - 1) - 1)]
     neg = [-(2.0 ** (sn * (q + zn))) for q in range(2 ** (bits - 1))]
     return np.asarray(sorted([0.0] + pos + neg))
@@ -426,7 +566,7 @@ def unpack_codes(packed: jax.Array, bits: int) -> jax.Array:
 
 def _exponents(tw: TwinLogWeight) -> jax.Array:
     """float32 ``e = s(q + z)`` of every entry (unused where the code is 0)."""
-    c = tw.codes.astype(jnp.float32)
+    c = tw.unpacked().astype(jnp.float32)
     return jnp.where(c > 0, tw.s_pos * (c - 1 + tw.z_pos), tw.s_neg * (-c - 1 + tw.z_neg))
 
 
@@ -442,7 +582,8 @@ def int_form(tw: TwinLogWeight, frac_bits: int) -> TwinLogInt:
     if not 0 <= frac_bits <= 12:
         raise ValueError(f"frac_bits must be in 0..12, got {frac_bits}")
     e = _exponents(tw)
-    nz = tw.codes != 0
+    codes = tw.unpacked()
+    nz = codes != 0
     f = jnp.floor(e)
     r = e - f
     m = jnp.round(jnp.exp2(r) * (1 << frac_bits)).astype(jnp.int32)   # in [2^I, 2^{I+1}]
@@ -451,7 +592,7 @@ def int_form(tw: TwinLogWeight, frac_bits: int) -> TwinLogInt:
     f_min = jnp.min(jnp.where(nz, fi, big), axis=0, keepdims=True)
     f_min = jnp.where(f_min == big, 0, f_min)
     mag = jnp.left_shift(m, jnp.where(nz, fi - f_min, 0))
-    w_int = jnp.where(tw.codes > 0, mag, jnp.where(tw.codes < 0, -mag, 0))
+    w_int = jnp.where(codes > 0, mag, jnp.where(codes < 0, -mag, 0))
     return TwinLogInt(w_int.astype(jnp.int32), (f_min - frac_bits).astype(jnp.int32))
 
 
@@ -470,32 +611,90 @@ def int_error_bound(x_hat: jax.Array, w_f: jax.Array, frac_bits: int) -> jax.Arr
     return 2.0 ** (-frac_bits - 1) * (jnp.abs(x_hat) @ jnp.abs(w_f))
 
 
-def int_accumulation_exact(iw: TwinLogInt, x_bits: int = 8) -> bool:
+def int_accumulation_exact(iw: TwinLogInt, x_bits: int = 8, chunk: int = 0) -> bool:
     """Whether int32 accumulation of ``x_codes @ w_int`` can never overflow (host check):
-    ``2^{x_bits−1} · max|w_int| · C_in < 2^31``."""
+    ``2^{x_bits−1} · max|w_int| · K < 2^31``, ``K`` = C_in, or ``chunk`` when the sum runs
+    in int32 over chunks of that many input channels (:func:`twinlog_int_matmul`)."""
     c_in = iw.w_int.shape[0]
+    k = min(c_in, chunk) if chunk else c_in
     wmax = int(np.abs(np.asarray(iw.w_int, np.int64)).max(initial=0))
-    return (2 ** (x_bits - 1)) * wmax * c_in < 2 ** 31
+    return (2 ** (x_bits - 1)) * wmax * k < 2 ** 31
 
 
-@jax.jit
-def twinlog_int_matmul(x_codes: jax.Array, x_scale: jax.Array, iw: TwinLogInt) -> jax.Array:
+#: The integer path's K chunk: int32 partial sums over at most this many input channels
+#: (a GEMM's K tile), added in float32 — what a tiled integer GEMM computes.  It gives the
+#: int32 headroom for ``I`` = 10 at the usual log ranges whatever C_in (over all of C_in,
+#: DiT-XL's 4608-channel fc2 fits only ``I`` ≈ 2–3, a 2^{-3}–2^{-4} bound).
+INT_CHUNK = 128
+
+
+#: The largest integer-form fraction count :func:`choose_frac_bits` picks (bound 2^-11).
+MAX_FRAC_BITS = 10
+
+
+@functools.partial(jax.jit, static_argnames="count")
+def _max_w_int(tw: TwinLogWeight, count: int) -> jax.Array:
+    """float32 ``[count]``: ``max|w_int|`` of :func:`int_form` for ``I = 0 … count−1`` (the
+    same float32 arithmetic; exact, as ``m ≤ 2^{I+1}`` and the shifts are powers of two)."""
+    e = _exponents(tw)
+    nz = tw.unpacked() != 0
+    f = jnp.floor(e)
+    r = e - f
+    big = jnp.float32(3e38)
+    f_min = jnp.min(jnp.where(nz, f, big), axis=0, keepdims=True)
+    shift = jnp.exp2(jnp.where(nz, f - jnp.where(f_min == big, 0.0, f_min), 0.0))
+
+    def one(i):
+        m = jnp.round(jnp.exp2(r) * jnp.exp2(i.astype(jnp.float32)))
+        return jnp.max(jnp.where(nz, m * shift, 0.0), initial=0.0)
+
+    return jax.lax.map(one, jnp.arange(count))
+
+
+def choose_frac_bits(tw: TwinLogWeight, act_bits: int = 8, max_frac_bits: int = MAX_FRAC_BITS,
+                     chunk: int = INT_CHUNK) -> int:
+    """The largest ``I ≤ max_frac_bits`` whose integer form accumulates exactly in int32
+    against ``act_bits``-bit activation codes (:func:`int_accumulation_exact`:
+    ``2^{act_bits−1} · max|w_int| · min(C_in, chunk) < 2^31``), or −1 if even ``I = 0``
+    can overflow (host check, at quantization time).
+
+    ``max|w_int|`` grows as ``2^{I+1+max(f−f_min)}``, so the choice trades the bound
+    ``2^{−I−1}`` against the column's exponent range and ``C_in``.
+    """
+    wmax = np.asarray(_max_w_int(tw, max_frac_bits + 1), np.float64)
+    return _frac_bits_from_wmax(wmax, tw.shape[0], act_bits, chunk)
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def twinlog_int_matmul(x_codes: jax.Array, x_scale: jax.Array, iw: TwinLogInt, chunk: int = 0) -> jax.Array:
     """Integer-path linear: ``x_scale · 2^shift · (x_codes @ w_int)``.
 
     Args:
       x_codes: int8 ``[..., C_in]`` activation codes (symmetric, zero point 0).
       x_scale: float ``[..., 1]`` (per token) or ``[]``.
       iw: :func:`int_form` of the weight.
+      chunk: 0 = one int32 accumulation over all of C_in; else int32 partial sums over
+        chunks of ``chunk`` input channels (C_in zero-padded to a multiple), added in
+        float32 (:data:`INT_CHUNK`).
     Returns:
       float32 ``[..., C_out]``; within :func:`int_error_bound` of
       ``(x_scale · x_codes) @ decode(tw)`` (plus float32 rounding) when
-      :func:`int_accumulation_exact` holds.
+      :func:`int_accumulation_exact` (with the same ``chunk``) holds.
 
     A reference of the arithmetic (int32 operands); where ``max|w_int| ≤ 127`` the same
     ``w_int`` can be cast to int8 for an int8×int8→int32 GEMM.
     """
-    acc = jax.lax.dot_general(x_codes.astype(jnp.int32), iw.w_int,
-                              ((((x_codes.ndim - 1),), (0,)), ((), ())),
-                              preferred_element_type=jnp.int32)
     col = jnp.exp2(iw.shift.astype(jnp.float32))[0]
-    return acc.astype(jnp.float32) * col * jnp.asarray(x_scale, jnp.float32)
+    xc = x_codes.astype(jnp.int32)
+    c_in = xc.shape[-1]
+    if not chunk or chunk >= c_in:
+        acc = jax.lax.dot_general(xc, iw.w_int, ((((xc.ndim - 1),), (0,)), ((), ())),
+                                  preferred_element_type=jnp.int32).astype(jnp.float32)
+    else:
+        nc = -(-c_in // chunk)
+        pad = nc * chunk - c_in
+        xp = jnp.pad(xc, [(0, 0)] * (xc.ndim - 1) + [(0, pad)]).reshape(xc.shape[:-1] + (nc, chunk))
+        wp = jnp.pad(iw.w_int, ((0, pad), (0, 0))).reshape(nc, chunk, -1)
+        part = jnp.einsum("...ck,ckn->...cn", xp, wp, preferred_element_type=jnp.int32)   # int32 per chunk
+        acc = jnp.sum(part.astype(jnp.float32), axis=-2)
+    return acc * col * jnp.asarray(x_scale, jnp.float32)

@@ -272,9 +272,15 @@ class Family:
 
     def sampler(self, config, *, solver: Optional[str] = None, num_steps: Optional[int] = None,
                 guidance: Optional[float] = None, policy: Policy = REFERENCE, return_trajectory: bool = False,
-                progress: bool = False):
+                progress: bool = False, mesh=None, params_at: Optional[Callable] = None):
         """``run(params, x_T, cond, uncond, key) -> x_0`` (``, trajectory`` with
-        ``{"x": [S, N, ...], "t": [S]}``: the model input and timestep of every step)."""
+        ``{"x": [S, N, ...], "t": [S]}``: the model input and timestep of every step).
+        ``params_at(params, t0) -> params``: the network's params at each step's timestep
+        ``t0`` (a scalar), for callers whose ``params`` is their own pytree (mixed precision's
+        candidate swaps); default: the time-dependent layers resolved for ``t0``.
+        ``mesh``: a ``jax.sharding.Mesh`` to run on, data parallel over its "data" axis
+        (:func:`jaxdq.distributed.data_parallel`; params sharded beforehand with
+        :func:`jaxdq.distributed.shard_params` stay as placed, others are replicated)."""
         solver, num_steps = solver or self.solver, num_steps or self.steps
         scale = self.guidance if guidance is None else guidance
         schedule, apply = self.schedule(), self.apply_fn(config, policy)
@@ -282,11 +288,11 @@ class Family:
 
         @jax.jit
         def run(params, x_T, cond, uncond, key):
-            fn = guided(timestep_aware(apply, params), cond, uncond, scale, oc)
+            fn = guided(_network_at(apply, params, params_at), cond, uncond, scale, oc)
             return sample(fn, x_T, key, schedule=schedule, solver=solver, num_steps=num_steps,
                           return_trajectory=return_trajectory, progress=progress)
 
-        return run
+        return _on_mesh(run, mesh)
 
 
 class ClassFamily(Family):
@@ -517,7 +523,8 @@ class FluxFamily(Family):
                 "guidance": g}
 
     def sampler(self, config, *, solver=None, num_steps=None, guidance=None, policy: Policy = REFERENCE,
-                return_trajectory: bool = False, progress: bool = False):
+                return_trajectory: bool = False, progress: bool = False, mesh=None,
+                params_at: Optional[Callable] = None):
         from jaxdq.models.flux import pack_latents, unpack_latents
         from jaxdq.sampling.flow import flow_euler_sample, flux_sigmas
 
@@ -532,7 +539,7 @@ class FluxFamily(Family):
             del uncond, key  # distilled guidance; the Euler solver is deterministic
             h, w = x_T.shape[-2:]
             sigmas = jnp.asarray(flux_sigmas(num_steps, (h // 2) * (w // 2)), jnp.float32)
-            net = timestep_aware(apply, params)
+            net = _network_at(apply, params, params_at)
             c = self.call_cond(cond, g)
 
             def velocity(packed, sigma):  # the network takes latents and returns packed tokens
@@ -546,7 +553,24 @@ class FluxFamily(Family):
             xs = jax.vmap(lambda p: unpack_latents(p, h, w))(traj["x"])
             return unpack_latents(x0, h, w), {"x": xs, "t": traj["sigma"]}
 
+        return _on_mesh(run, mesh)
+
+
+def _network_at(apply, params, params_at: Optional[Callable]):
+    """``f(x, t, **cond)``: ``apply`` with ``params`` resolved at the step's timestep
+    (:func:`timestep_aware`, or the caller's ``params_at(params, t0)``)."""
+    if params_at is None:
+        return timestep_aware(apply, params)
+    return lambda x, t, *a, **kw: apply(params_at(params, jnp.reshape(t, (-1,))[0]), x, t, *a, **kw)
+
+
+def _on_mesh(run, mesh):
+    """``run`` itself, or data parallel on ``mesh`` (:func:`jaxdq.distributed.data_parallel`)."""
+    if mesh is None:
         return run
+    from jaxdq.distributed import data_parallel
+
+    return data_parallel(run, mesh)
 
 
 FAMILIES = {f.name: f for f in (DiTFamily(), PixArtFamily(), LatteFamily(), UNetFamily(), SDFamily(), FluxFamily())}

@@ -1,0 +1,124 @@
+"""Run one ``jaxdq compare`` as several processes over chunks of its method list, and merge.
+
+A GPU call has a hard time limit and ``jaxdq compare`` writes its table only at the end, so a
+long method list is split into chunks, each its own ``jaxdq compare`` process with its own
+timeout (a chunk that times out loses only its rows).  Every chunk uses the same model, seeds,
+steps and calibration settings, so each chunk's float row and noise are identical and the
+method rows line up.  The merged ``compare.json`` has the first finished chunk's settings and
+float row, every chunk's method rows in the order asked, the notes of all chunks, ``command``
+(this script's command line) and ``chunks`` (each chunk's command, exit code, wall seconds).
+
+    python bench/compare_chunks.py --model default --methods a,b,c,d --chunks 2 --timeout 300 \
+        --out DIR -- --seeds 0,1,2 --per-class 4 --steps 50
+
+Arguments after ``--`` go to every ``jaxdq compare`` unchanged.  Writes DIR/compare.json,
+DIR/compare.md, DIR/compare.png (the first chunk's picture; the others as compare_part<i>.png)
+and DIR/chunk<i>.log.  Exit code 0 when at least one chunk produced rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def split(methods: list[str], chunks: int) -> list[list[str]]:
+    """Round-robin split, so that slow families (listed together) spread over the chunks."""
+    parts = [methods[i::chunks] for i in range(chunks)]
+    return [p for p in parts if p]
+
+
+def merge(methods: list[str], results: list[dict]) -> dict:
+    """One compare result from per-chunk results (``compare.json`` dicts)."""
+    if not results:
+        raise ValueError("no chunk produced a compare.json")
+    first = results[0]
+    rows = {}
+    for res in results:
+        for r in res["results"]:
+            rows.setdefault(r["method"], r)
+    order = ["float"] + [m for m in methods if m in rows] + [m for m in rows if m not in methods and m != "float"]
+    notes = []
+    for res in results:
+        notes += [n for n in res.get("notes", []) if n not in notes]
+    return {"settings": first["settings"], "results": [rows[m] for m in order if m in rows], "notes": notes}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--methods", required=True, help="comma-separated method list")
+    ap.add_argument("--chunks", type=int, default=4)
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per chunk")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    os.makedirs(args.out, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="chunks_", dir=args.out)
+    procs = []
+    for i, part in enumerate(split(methods, max(1, args.chunks))):
+        cmd = [sys.executable, "-m", "jaxdq.cli", "compare", "--model", args.model, "--methods", ",".join(part),
+               "--keep-going", "--out", os.path.join(tmp, f"c{i}"), *extra]
+        log = open(os.path.join(args.out, f"chunk{i}.log"), "w")
+        procs.append((i, part, cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
+    chunks, results = [], []
+    deadline = time.time() + args.timeout
+    ended = {}
+    while len(ended) < len(procs):  # poll, so each chunk's wall time is its own
+        for i, part, cmd, p, t0, log in procs:
+            if i not in ended and p.poll() is not None:
+                ended[i] = (p.returncode, time.time() - t0)
+        if time.time() > deadline:
+            for i, part, cmd, p, t0, log in procs:
+                if i not in ended:
+                    p.kill()
+                    p.wait()
+                    ended[i] = ("timeout", time.time() - t0)
+        time.sleep(0.5)
+    for i, part, cmd, p, t0, log in procs:
+        rc, wall = ended[i]
+        log.close()
+        path = os.path.join(tmp, f"c{i}", "compare.json")
+        ok = os.path.exists(path)
+        chunks.append({"methods": part, "command": "jaxdq " + shlex.join(cmd[3:]), "rc": rc,
+                       "wall_s": round(wall, 1), "rows": ok})
+        if ok:
+            results.append(json.load(open(path)))
+            png = os.path.join(tmp, f"c{i}", "compare.png")
+            if os.path.exists(png):
+                shutil.copy(png, os.path.join(args.out, "compare.png" if len(results) == 1 else f"compare_part{i}.png"))
+    if not results:
+        print(json.dumps(chunks, indent=1))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 1
+    merged = merge(methods, results)
+    merged["command"] = "python bench/compare_chunks.py " + shlex.join(sys.argv[1:])
+    merged["chunks"] = chunks
+    missing = [m for m in methods if m not in {r["method"] for r in merged["results"]}]
+    if missing:
+        merged["notes"].append(f"no row (chunk failed or timed out): {', '.join(missing)}")
+    from jaxdq.compare import markdown_table
+
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(merged, f, indent=1)
+    with open(os.path.join(args.out, "compare.md"), "w") as f:
+        f.write(markdown_table(merged["results"]) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.model}: {len(merged['results']) - 1}/{len(methods)} method rows; chunks "
+          + ", ".join(f"{c['rc']}@{c['wall_s']}s" for c in chunks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
