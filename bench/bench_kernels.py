@@ -91,7 +91,10 @@ SHAPES = [  # (model, layer, M, K, N)
 RANK = 32
 
 
-def make_timer(reps):
+def make_timer(reps, warmup: int = 3):
+    """``timer(f, *args) -> (ms, "cupti" | "wall")``: the median of ``reps`` runs after
+    ``warmup`` calls (compilation included); CUPTI kernel time on a GPU, wall time elsewhere
+    or when CUPTI fails."""
     try:
         from jax.experimental.mosaic.gpu import profiler
     except Exception:  # pragma: no cover
@@ -106,9 +109,9 @@ def make_timer(reps):
         return float(statistics.median(ts)), "wall"
 
     def timer(f, *args):
-        for _ in range(3):  # compile + warm up
+        for _ in range(warmup):  # compile + warm up
             jax.block_until_ready(f(*args))
-        if profiler is not None:
+        if profiler is not None and jax.devices()[0].platform == "gpu":
             try:
                 _, ts = profiler.measure(f, iterations=reps)(*args)
                 if ts:

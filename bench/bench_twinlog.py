@@ -38,7 +38,6 @@ import glob
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -63,32 +62,11 @@ PROBE_KN = (1152, 3456)
 
 
 def make_timer(reps: int):
-    import jax
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-    except Exception:  # pragma: no cover
-        profiler = None
+    """bench_kernels' CUPTI / wall timer, 2 warm-up calls."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.bench_kernels import make_timer as kernels_timer
 
-    def wall(f, *args):
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            ts.append((time.perf_counter() - t) * 1e3)
-        return float(statistics.median(ts)), "wall"
-
-    def timer(f, *args):
-        for _ in range(2):  # compile + warm up
-            jax.block_until_ready(f(*args))
-        if profiler is not None and jax.devices()[0].platform == "gpu":
-            try:
-                _, ts = profiler.measure(f, iterations=reps)(*args)
-                if ts:
-                    return float(statistics.median(ts)), "cupti"
-            except Exception as e:  # pragma: no cover
-                print("cupti timing failed:", type(e).__name__, str(e)[:200], flush=True)
-        return wall(f, *args)
-    return timer
+    return kernels_timer(reps, warmup=2)
 
 
 def layers(k: int, n: int, seed: int):
