@@ -1,8 +1,8 @@
 """Run one ``jaxdq compare`` as several processes over chunks of its method list, and merge.
 
-A GPU call has a hard time limit and ``jaxdq compare`` writes its table only at the end, so a
-long method list is split into chunks, each its own ``jaxdq compare`` process with its own
-timeout (a chunk that times out loses only its rows).  Every chunk uses the same model, seeds,
+A GPU call has a hard time limit, so a long method list is split into chunks, each its own
+``jaxdq compare`` process with its own timeout; a chunk that times out keeps the rows it
+finished (``compare.partial.json``, which ``jaxdq compare`` rewrites after every row).  Every chunk uses the same model, seeds,
 steps and calibration settings, so each chunk's float row and noise are identical and the
 method rows line up.  The merged ``compare.json`` has the first finished chunk's settings and
 float row, every chunk's method rows in the order asked, the notes of all chunks, ``command``
@@ -90,9 +90,11 @@ def main(argv=None) -> int:
         rc, wall = ended[i]
         log.close()
         path = os.path.join(tmp, f"c{i}", "compare.json")
+        if not os.path.exists(path):  # stopped: the rows it finished (jaxdq compare writes them as it goes)
+            path = os.path.join(tmp, f"c{i}", "compare.partial.json")
         ok = os.path.exists(path)
         chunks.append({"methods": part, "command": "jaxdq " + shlex.join(cmd[3:]), "rc": rc,
-                       "wall_s": round(wall, 1), "rows": ok})
+                       "wall_s": round(wall, 1), "rows": ok, "partial": ok and path.endswith(".partial.json")})
         if ok:
             results.append(json.load(open(path)))
             png = os.path.join(tmp, f"c{i}", "compare.png")

@@ -57,19 +57,29 @@ methods() {  # $1: vidit = ViDiT-Q's table; lrq = the LRQ-DiT rows
     return
   fi
   for w in 8 4; do
-    for f in rtn per-step-static "qdiffusion" ptq4dit-csb smoothquant dynamic vidit-q-smooth-only quarot \
+    for f in rtn per-step-static ptq4dit-csb smoothquant dynamic vidit-q-smooth-only quarot \
              quarot-block vidit-q vidit-q-block; do
       if [ "${2:-}" = noblock ] && [[ "$f" == *-block ]]; then continue; fi
-      if [ "$f" = qdiffusion ]; then m="$m,qdiffusion-w${w}a8@iters=$ITERS"; else m="$m,$f-w${w}a8"; fi
+      m="$m,$f-w${w}a8"
     done
   done
-  m="$m,vidit-q-mp$MP"
+  # the slow rows last (reconstruction, the mixed-precision search): a chunk that runs out of
+  # time keeps the rows before them (compare writes compare.partial.json after every row)
+  m="$m,qdiffusion-w8a8@iters=$ITERS,qdiffusion-w4a8@iters=$ITERS,vidit-q-mp$MP"
   echo "${m#,}"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi (CPU)"
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } | tee "$OUT/gpu.txt"
 : > "$OUT/commands.txt"; : > "$OUT/timing.txt"
+
+# compile time dominates these tiny models' compares: skip XLA's GEMM autotuning there (a flag
+# this XLA may not know would abort every process, so it is tried first)
+CFLAGS=""
+if XLA_FLAGS="--xla_gpu_autotune_level=0" python3 -c "import jax, jax.numpy as jnp; jnp.ones(2).block_until_ready()" >/dev/null 2>&1; then
+  CFLAGS="--xla_gpu_autotune_level=0"
+fi
+echo "compare XLA_FLAGS: ${CFLAGS:-none}" >> "$OUT/gpu.txt"
 
 compare() {  # $1 model, $2 per-class, $3 steps, $4 methods, $5 suffix of the output names, $6 chunks
   local model=$1 dir="$OUT/cmp_$1$5" tag="$1$5"
@@ -80,7 +90,7 @@ compare() {  # $1 model, $2 per-class, $3 steps, $4 methods, $5 suffix of the ou
              --calib-per-class "$CALIB" ${7:-})
   echo "${cmd[*]}" >> "$OUT/commands.txt"
   local t0=$SECONDS
-  "${cmd[@]}" > "$OUT/compare_$tag.log" 2>&1
+  XLA_FLAGS="$CFLAGS ${XLA_FLAGS:-}" "${cmd[@]}" > "$OUT/compare_$tag.log" 2>&1
   local rc=$?
   echo "compare $tag rc=$rc wall_s=$((SECONDS - t0))" >> "$OUT/timing.txt"
   if [ -f "$dir/compare.json" ]; then
@@ -91,32 +101,38 @@ compare() {  # $1 model, $2 per-class, $3 steps, $4 methods, $5 suffix of the ou
 
 unet_methods() {  # issue 15: TFMQ-DM and its baselines on the default UNet (UNET_METHODS overrides)
   if [ -n "${UNET_METHODS:-}" ]; then echo "$UNET_METHODS"; return; fi
-  local O="@iters=$ITERS@per_step=2" M="" b
-  for b in w4a8 w8a8 w4a32; do
-    M="${M:+$M,}rtn-$b,qdiffusion-$b$O,brecq-$b$O,tfmq-dm-$b$O,tfmq-dm-tiar-$b$O"
-    [ $b != w4a32 ] && M="$M,per-step-static-$b,tfmq-dm-fsc-$b$O"
+  local O="@iters=$ITERS@per_step=2" M="rtn-w4a8,rtn-w8a8,rtn-w4a32,per-step-static-w4a8,per-step-static-w8a8" b
+  for b in w4a8 w8a8 w4a32; do  # the reconstructing rows after the quick ones
+    M="$M,qdiffusion-$b$O,brecq-$b$O,tfmq-dm-$b$O,tfmq-dm-tiar-$b$O"
+    [ $b != w4a32 ] && M="$M,tfmq-dm-fsc-$b$O"
   done
   echo "$M"
 }
 
+# ONLY: the compares to run (tags below; default all), e.g. ONLY="default-unet default-text"
+ONLY=${ONLY:-"default default-text default-video default_lrq default-text_lrq default-unet"}
+CH=${CHUNKS:-3}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
 T0=$SECONDS
-compare default "$PER_DIT" "$STEPS_DIT" "$(methods vidit noblock)" "" 3 &
-compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods vidit)" "" 3 &
-compare default-video "$PER_VIDEO" "$STEPS_VIDEO" "$(methods vidit)" "" 3 &
-compare default "$PER_DIT" "$STEPS_DIT" "$(methods lrq)" _lrq 3 &
-compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods lrq)" _lrq 3 &
-compare default-unet "$PER_UNET" "$STEPS_DIT" "$(unet_methods)" "" 3 &
+want default && compare default "$PER_DIT" "$STEPS_DIT" "$(methods vidit noblock)" "" $CH &
+want default-text && compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods vidit)" "" $CH &
+want default-video && compare default-video "$PER_VIDEO" "$STEPS_VIDEO" "$(methods vidit)" "" $CH &
+want default_lrq && compare default "$PER_DIT" "$STEPS_DIT" "$(methods lrq)" _lrq $CH &
+want default-text_lrq && compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods lrq)" _lrq $CH &
+want default-unet && compare default-unet "$PER_UNET" "$STEPS_DIT" "$(unet_methods)" "" ${UNET_CHUNKS:-$CH} &
 wait
 echo "compares wall_s=$((SECONDS - T0))" >> "$OUT/timing.txt"
 
+if [ "${HAD:-1}" = 1 ]; then
 t0=$SECONDS
 HCMD="timeout $T_HAD python3 bench/bench_hadamard.py $HAD_ARGS --out $OUT/hadamard_h200.jsonl"
 echo "$HCMD" >> "$OUT/commands.txt"
 $HCMD > "$OUT/hadamard_h200.log" 2>&1
 echo "hadamard rc=$? wall_s=$((SECONDS - t0))" >> "$OUT/timing.txt"
+fi
 # issue 15: SD-1.5 UNet 512² (random weights) bf16 / W8A8 / W4A8 step time and peak memory
-T_SD=45; SMOKE=""; [ "$TINY" = 1 ] && { T_SD=900; SMOKE=--smoke; }
-for q in bf16 w8a8 w4a8; do
+T_SD=${T_SD:-45}; SMOKE=""; [ "$TINY" = 1 ] && { T_SD=900; SMOKE=--smoke; }
+[ "${SD:-1}" = 1 ] && for q in bf16 w8a8 w4a8; do
   t0=$SECONDS
   SCMD="timeout $T_SD python3 bench/bench_unet_sd.py --quant $q $SMOKE --reps 10 --out $OUT/unet_sd15_512.jsonl"
   echo "$SCMD" >> "$OUT/commands.txt"

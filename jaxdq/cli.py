@@ -337,7 +337,8 @@ def _run_compare(args, methods):
     res = run_compare(args.model, methods, classes=args.classes, prompts=args.prompt, captions=args.captions,
                       per_class=args.per_class, solver=args.solver, num_steps=args.steps, cfg_scale=args.cfg,
                       seed=args.seed, seeds=getattr(args, "seeds", None), calib_per_class=args.calib_per_class,
-                      vae=args.vae, out_dir=None, mesh=_mesh(args), keep_going=getattr(args, "keep_going", False))
+                      vae=args.vae, out_dir=None, mesh=_mesh(args), keep_going=getattr(args, "keep_going", False),
+                      on_row=lambda partial: outputs.write_partial_compare(args.out, partial))
     outputs.write_compare(args.out, res)
     print(markdown_table(res["results"]))
     for n in res["notes"]:

@@ -87,7 +87,8 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
                 seeds: Optional[Sequence[int]] = None, calib_per_class: int = 4, vae: Optional[str] = None,
                 extractor=None,
                 out_dir: Optional[str] = None, policy: Policy = REFERENCE, progress: bool = True,
-                model: Optional[LoadedModel] = None, mesh=None, keep_going: bool = False) -> dict:
+                model: Optional[LoadedModel] = None, mesh=None, keep_going: bool = False,
+                on_row=None) -> dict:
     """Compare ``methods`` (and the float model) on one model; see module docstring.
 
     ``mesh``: a ``jax.sharding.Mesh``: calibration and sampling data parallel over its
@@ -100,7 +101,9 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     the values in seed order and ``row["ci95"][metric]`` the half-width of the 95% Student-t
     interval of the mean (:func:`mean_ci95`); images (and the PNG) are the first seed's.
     ``keep_going``: a method that raises is left out (its error in the notes) instead of
-    ending the comparison.
+    ending the comparison.  ``on_row(partial)``: called after every finished row with
+    ``{"settings", "results", "notes", "partial": True}`` (the rows so far), so a run that is
+    stopped keeps what it finished (the CLI writes it as ``compare.partial.json``).
 
     Returns ``{"settings": ..., "results": [row per method], "images": {method: [N,C,H,W]},
     "notes": [...]}``; with ``out_dir`` also writes ``compare.md``, ``compare.json`` and
@@ -137,6 +140,18 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
                        seed=seed + 1000)
         calib = calibration(model, methods, request=creq, solver=solver, num_steps=num_steps, guidance=cfg_scale,
                             progress=progress, mesh=mesh)
+    def _settings() -> dict:
+        settings = {"model": model_source, "family": model.arch, "solver": solver or fam.solver,
+                    "steps": num_steps or fam.steps, "cfg": fam.guidance if cfg_scale is None else cfg_scale,
+                    "seed": seed, "seeds": list(seeds), "rows": batch.rows,
+                    "per_class": per_class, "calib_per_class": calib_per_class,
+                    "policy": policy.mode,
+                    "extractor": None if extractor is None else (
+                        "digits classifier (in-project)" if real_feats is not None else type(extractor).__name__)}
+        if classes is not None:
+            settings["classes"] = list(classes)
+        return settings
+
     images0 = None
     real_feats = None
     rows, images = [], {}
@@ -180,17 +195,12 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
             rows[-1] = _over_seeds(per)
         _log("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items()
                               if k not in ("description", "method", "per_seed")))
+        if on_row is not None:
+            done = [dict(r, compression_vs_fp32=round(rows[0]["weight_bytes"] / r["weight_bytes"], 2)) for r in rows]
+            on_row({"settings": _settings(), "results": done, "notes": list(notes), "partial": True})
+    settings = _settings()
     for r in rows:
         r["compression_vs_fp32"] = round(rows[0]["weight_bytes"] / r["weight_bytes"], 2)
-    settings = {"model": model_source, "family": model.arch, "solver": solver or fam.solver,
-                "steps": num_steps or fam.steps, "cfg": fam.guidance if cfg_scale is None else cfg_scale,
-                "seed": seed, "seeds": list(seeds), "rows": batch.rows,
-                "per_class": per_class, "calib_per_class": calib_per_class,
-                "policy": policy.mode,
-                "extractor": None if extractor is None else (
-                    "digits classifier (in-project)" if real_feats is not None else type(extractor).__name__)}
-    if classes is not None:
-        settings["classes"] = list(classes)
     result = {"settings": settings, "results": rows, "images": images, "notes": notes,
               "latents": is_latent(model) and vae_model is None, "rows": batch.rows, "per_row": batch.per_row}
     if out_dir:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Optional
 
 COMPARE_FILES = ("compare.md", "compare.json", "compare.png")
+PARTIAL_COMPARE = "compare.partial.json"  # the rows finished so far, while a comparison runs
 _TEMPORARIES: set = set()  # paths of the write in progress (process-level, for the interrupt handler)
 
 
@@ -79,8 +80,9 @@ def check_output_dir(path: str) -> None:
     if os.path.lexists(path):
         if not os.path.isdir(path):
             raise ValueError(f"--out {path} exists and is not a directory")
-        present = [n for n in COMPARE_FILES if os.path.lexists(os.path.join(path, n))]
-        if present and not _is_jaxdq_compare(os.path.join(path, "compare.json")):
+        present = [n for n in COMPARE_FILES + (PARTIAL_COMPARE,) if os.path.lexists(os.path.join(path, n))]
+        ours = [n for n in ("compare.json", PARTIAL_COMPARE) if n in present]
+        if present and not (ours and all(_is_jaxdq_compare(os.path.join(path, n)) for n in ours)):
             raise ValueError(f"--out {path} holds {', '.join(present)} that jaxdq did not write; "
                              "refusing to overwrite them (give a new directory)")
         if not os.access(path, os.W_OK | os.X_OK):
@@ -166,9 +168,23 @@ def write_compare(out_dir: str, result: dict) -> None:
         write_outputs(result, tmp)
         for name in COMPARE_FILES:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        _remove(os.path.join(out_dir, PARTIAL_COMPARE))
     finally:
         _remove(tmp)
         _TEMPORARIES.discard(tmp)
+
+
+def write_partial_compare(out_dir: str, partial: dict) -> None:
+    """The rows finished so far as ``out_dir/compare.partial.json`` (temp + rename), so a
+    comparison that is stopped keeps them; :func:`write_compare` removes it at the end."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, PARTIAL_COMPARE)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(partial, f, indent=1)
+    write_file(path, write, force=True)
 
 
 def remove_temporaries() -> None:

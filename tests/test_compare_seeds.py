@@ -64,3 +64,39 @@ def test_keep_going_leaves_a_failing_method_out():
         assert any("_test-boom failed" in n and "boom" in n for n in res["notes"])
     finally:
         del recipes.RECIPES["_test-boom"]
+
+
+def test_a_stopped_comparison_keeps_its_finished_rows(tmp_path):
+    """compare reports every finished row (the CLI writes compare.partial.json), so a run that
+    is stopped part way — here by a failing method — keeps what it finished; the final write
+    replaces the partial file."""
+    import json
+
+    from jaxdq import outputs
+    from jaxdq.quant import recipes
+
+    def boom(params, ctx):
+        raise RuntimeError("boom")
+
+    recipes.RECIPES["_test-boom"] = recipes.Recipe("_test-boom", "W8A8", "fails", boom)
+    seen = []
+    out = str(tmp_path / "cmp")
+
+    def on_row(partial):
+        seen.append([r["method"] for r in partial["results"]])
+        outputs.write_partial_compare(out, partial)
+    try:
+        kw = dict(per_class=1, classes=(1, 2), num_steps=2, progress=False, model=_tiny())
+        with pytest.raises(RuntimeError):
+            run_compare("tiny", ("w8a8", "_test-boom"), on_row=on_row, **kw)
+    finally:
+        del recipes.RECIPES["_test-boom"]
+    assert seen == [["float"], ["float", "w8a8"]]
+    kept = json.load(open(tmp_path / "cmp" / outputs.PARTIAL_COMPARE))
+    assert kept["partial"] and [r["method"] for r in kept["results"]] == ["float", "w8a8"]
+    assert kept["results"][1]["psnr_db"] > 0 and kept["settings"]["per_class"] == 1
+    assert kept["results"][1]["compression_vs_fp32"] > 1  # the rows are complete table rows
+    outputs.check_output_dir(out)  # a directory holding a partial comparison may be reused
+    res = run_compare("tiny", ("w8a8",), on_row=on_row, **kw)
+    outputs.write_compare(out, res)
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["compare.json", "compare.md", "compare.png"]
