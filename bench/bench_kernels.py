@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -424,6 +425,81 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
             rows.append(row)
             print(json.dumps(row), flush=True)
 
+#: --progressive: QServe's progressive-group W4A8 beside W8A8, W4A8 per channel, W4A8 with float
+#: group-64 scales and XLA bf16 (model, layer, M, K, N)
+PG_SHAPES = [("FLUX.1", "qkv", 4608, 3072, 9216), ("FLUX.1", "fc2", 4608, 12288, 3072),
+             ("square", "8192^3", 8192, 8192, 8192), ("DiT-XL/2", "fc1 (M=256)", 256, 1152, 4608)]
+
+
+def bench_progressive(model, layer, m, k, n, timer, rows, check, interpret=None):
+    """Rows ``pg_*`` at one shape: ``xla_bf16``, ``mgpu_ws_w8a8``, ``mgpu_ws_w4a8`` (int4 per
+    channel), ``mgpu_ws_w4a8_g64`` (int4, float group-64 scales: the per-K-step rescale),
+    ``mgpu_ws_w4a8_pg`` (progressive groups: integer zero/scale in the int4 → int8 expansion,
+    the W8A8 main loop), each checked against its jnp reference (``rel_err_vs_ref``).
+    ``interpret``: the Mosaic GPU interpreter's params (--smoke on a CPU; one CTA per tile)."""
+    from jaxdq.quant.progressive import ProgressiveWeight
+
+    keys = jax.random.split(jax.random.key(m * 7 + k * 3 + n + 1), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+    wf = jax.random.normal(keys[1], (k, n), jnp.float32) / np.sqrt(k)
+    w = wf.astype(jnp.bfloat16)
+    bias = jax.random.normal(keys[2], (n,), jnp.float32) * 0.1
+    xq, sx, _ = quantize_act_reference(x)
+    sx = sx[:, 0]
+    sw = jnp.maximum(jnp.max(jnp.abs(wf), axis=0) / 127, 1e-8)
+    wq = jnp.clip(jnp.round(wf / sw), -127, 127).astype(jnp.int8)
+    sw4c = jnp.maximum(jnp.max(jnp.abs(wf), axis=0) / 7, 1e-8)
+    w4c = jnp.clip(jnp.round(wf / sw4c), -8, 7).astype(jnp.int8)
+    wg = wf.reshape(k // 64, 64, n)
+    sw4 = jnp.maximum(jnp.max(jnp.abs(wg), axis=1) / 7, 1e-8)
+    w4 = jnp.clip(jnp.round(wg / sw4[:, None, :]), -8, 7).astype(jnp.int8).reshape(k, n)
+    pw = ProgressiveWeight.from_kernel(wf)
+    wt_pg, wz_pg, ws_pg = pw.kernel_operands()
+    s1 = pw.s1.reshape(-1)
+    num_sms = None
+    if interpret is not None:  # one persistent CTA (the GPU interpreter simulates each; pallas_kernels/NOTES.md)
+        num_sms = 1
+    cfg = mk.HopperGemmConfig(num_sms=num_sms, interpret=interpret)
+    ws = functools.partial(mk.int8_gemm_ws, config=cfg)
+    variants = {
+        "xla_bf16": (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (x, w), None),
+        "mgpu_ws_w8a8": (jax.jit(lambda a, b, s1_, s2, bb: ws(a, b, s1_, s2, bias=bb)), (xq, wq.T, sx, sw, bias),
+                         lambda: int_gemm_reference(xq, wq, sx[:, None], sw[None], bias=bias)),
+        "mgpu_ws_w4a8": (jax.jit(lambda a, b, s1_, s2, bb: ws(a, b, s1_, s2, bias=bb)),
+                         (xq, w4c.T.astype(jnp.int4), sx, sw4c, bias),
+                         lambda: int_gemm_reference(xq, w4c, sx[:, None], sw4c[None], bias=bias)),
+        "mgpu_ws_w4a8_g64": (jax.jit(lambda a, b, s1_, s2, bb: ws(a, b, s1_, s2, bias=bb)),
+                             (xq, w4.T.astype(jnp.int4), sx, sw4, bias),
+                             lambda: int_gemm_reference(xq, w4, sx[:, None], sw4, bias=bias)),
+        "mgpu_ws_w4a8_pg": (jax.jit(lambda a, b, s1_, s2, bb, z, g: ws(a, b, s1_, s2, bias=bb, w_zero=z, w_gscale=g)),
+                            (xq, wt_pg, sx, s1, bias, wz_pg, ws_pg),
+                            lambda: mk.progressive_gemm_reference(xq, wt_pg, wz_pg, ws_pg, sx, s1, bias=bias)),
+    }
+    flops = 2.0 * m * k * n
+    base = None
+    if interpret is not None:  # float-group int4 hangs in jax 0.10.2's GPU interpreter (NOTES.md)
+        variants.pop("mgpu_ws_w4a8_g64")
+    for name, (f, args, ref) in variants.items():
+        row = {"model": model, "layer": layer, "shape": f"{m}x{k}x{n}", "M": m, "K": k, "N": n,
+               "variant": "pg_" + name}
+        try:
+            ms, how = timer(f, *args)
+            row.update(time_ms=ms, tops=flops / (ms * 1e-3) / 1e12, timer=how)
+            if name == "xla_bf16":
+                base = ms
+            if check and ref is not None:
+                row["rel_err_vs_ref"] = rel_err(f(*args), ref())
+            if name == "mgpu_ws_w4a8_pg":  # the format's weight error vs float-scale g64
+                row["weight_rel_err"] = rel_err(pw.dequantize(), wf)
+                row["weight_rel_err_g64"] = rel_err((w4.reshape(k // 64, 64, n) * sw4[:, None]).reshape(k, n), wf)
+        except Exception as e:  # record and go on
+            row.update(error=f"{type(e).__name__}: {str(e)[:300]}", where=traceback.format_exc()[-700:])
+        if base and "time_ms" in row:
+            row["speedup_vs_xla_bf16"] = base / row["time_ms"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -434,8 +510,13 @@ def main():
                    help="CPU check of this script: one tiny shape, Triton kernels interpreted, no Mosaic GPU")
     p.add_argument("--variants", default="all",
                    help="comma-separated name prefixes to run (NAME$: exactly NAME), or 'all'")
+    p.add_argument("--progressive", action="store_true",
+                   help="only the progressive-group W4A8 rows (PG_SHAPES; with --smoke one tiny shape in the "
+                        "Mosaic GPU interpreter)")
     a = p.parse_args()
     global SHAPES, mk, INTERPRET
+    if a.progressive:
+        return main_progressive(a)
     if a.smoke:
         SHAPES = [("smoke", "tiny", 128, 256, 256)]
         a.only = ""
@@ -463,14 +544,43 @@ def main():
         bench_shape(*SHAPES[i], timer=timer, bw=bw, rows=rows, check=not a.no_check, want=want)
         with open(a.out, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
-    # summary table
-    print(f"{'shape':>20} {'variant':>30} {'ms':>9} {'TOPS':>7} {'x bf16':>7}")
+    print_summary(rows, extra="hbm_fraction")
+
+
+def print_summary(rows: list, extra: str) -> None:
+    """One line per row: shape, variant, ms, TOPS, × XLA bf16 and the row's ``extra`` field."""
+    print(f"{'shape':>20} {'variant':>30} {'ms':>9} {'TOPS':>7} {'x bf16':>7} {extra:>12}")
     for r in rows:
         if "time_ms" in r:
             print(f"{r['shape']:>20} {r['variant']:>30} {r['time_ms']:9.4f} {r.get('tops', 0):7.1f} "
-                  f"{r.get('speedup_vs_xla_bf16', float('nan')):7.2f} {r.get('hbm_fraction', '')}")
+                  f"{r.get('speedup_vs_xla_bf16', float('nan')):7.2f} {r.get(extra, '')!s:>12}")
         else:
             print(f"{r['shape']:>20} {r['variant']:>30} ERROR {r.get('error', '')[:80]}")
+
+
+def main_progressive(a):
+    """``--progressive``: :func:`bench_progressive` over :data:`PG_SHAPES` (``--only`` indexes
+    them), JSON to ``--out``."""
+    if mk is None:
+        raise SystemExit("--progressive needs the Mosaic GPU kernels (pallas_kernels.int_gemm_hopper)")
+    shapes, interpret = PG_SHAPES, None
+    if a.smoke:
+        shapes, interpret = [("smoke", "tiny", 128, 128, 256)], mk.gpu_interpret_params()
+    if a.only:
+        shapes = [shapes[int(i)] for i in a.only.split(",")]
+    timer = make_timer(1 if a.smoke else a.reps, warmup=1 if a.smoke else 3)
+    dev = jax.devices()[0]
+    meta = {"command": " ".join(["python3"] + sys.argv), "jax": jax.__version__, "device": str(dev.device_kind),
+            "reps": a.reps, "statistic": "median", "interpret": interpret is not None,
+            "notes": "pg_* rows: activations per-token int8 codes (reference quantizer), weights K-major; "
+                     "progressive groups of 64 (jaxdq.quant.progressive.ProgressiveWeight)."}
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for sh in shapes:
+        bench_progressive(*sh, timer=timer, rows=rows, check=not a.no_check, interpret=interpret)
+        with open(a.out, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    print_summary(rows, extra="rel_err_vs_ref")
 
 
 if __name__ == "__main__":

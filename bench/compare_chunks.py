@@ -14,6 +14,10 @@ float row, every chunk's method rows in the order asked, the notes of all chunks
 Arguments after ``--`` go to every ``jaxdq compare`` unchanged.  Writes DIR/compare.json,
 DIR/compare.md, DIR/compare.png (the first chunk's picture; the others as compare_part<i>.png)
 and DIR/chunk<i>.log.  Exit code 0 when at least one chunk produced rows.
+
+    python bench/compare_chunks.py --merge-into BASE.json EXTRA.json
+
+adds a later run's rows to BASE when its settings and float row are the same (:func:`merge_into`).
 """
 from __future__ import annotations
 
@@ -50,8 +54,37 @@ def merge(methods: list[str], results: list[dict]) -> dict:
     return {"settings": first["settings"], "results": [rows[m] for m in order if m in rows], "notes": notes}
 
 
+def merge_into(base_path: str, extra_path: str) -> dict:
+    """Add the method rows of ``extra_path`` (a ``compare.json`` from another run) to
+    ``base_path`` in place, only when both runs have the same settings and the same float row
+    (same model, seeds, noise, steps and calibration: the rows compare); the added rows' command
+    goes to ``added_rows``.  ValueError otherwise."""
+    base, extra = json.load(open(base_path)), json.load(open(extra_path))
+    if base["settings"] != extra["settings"]:
+        diff = {k: (base["settings"].get(k), extra["settings"].get(k))
+                for k in set(base["settings"]) | set(extra["settings"])
+                if base["settings"].get(k) != extra["settings"].get(k)}
+        raise ValueError(f"different settings, the rows would not compare: {diff}")
+    f0, f1 = base["results"][0], extra["results"][0]
+    if f0["method"] != "float" or f1["method"] != "float" or f0.get("per_seed") != f1.get("per_seed"):
+        raise ValueError("the float rows differ: not the same noise / model")
+    have = {r["method"] for r in base["results"]}
+    new = [r for r in extra["results"][1:] if r["method"] not in have]
+    base["results"] += new
+    base["notes"] = base.get("notes", []) + [n for n in extra.get("notes", []) if n not in base.get("notes", [])]
+    base.setdefault("added_rows", []).append({"methods": [r["method"] for r in new],
+                                              "command": extra.get("command", "")})
+    with open(base_path, "w") as f:
+        json.dump(base, f, indent=1)
+    return base
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--merge-into":  # --merge-into BASE.json EXTRA.json
+        merged = merge_into(argv[1], argv[2])
+        print(f"{argv[1]}: {len(merged['results']) - 1} method rows")
+        return 0
     extra = []
     if "--" in argv:
         i = argv.index("--")

@@ -10,7 +10,7 @@
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-bench_out}; mkdir -p $OUT
-ITERS=${ITERS:-500}; SEEDS=0,1,2; PER=10; SMOKE=""; T_SD=60; T_CMP=${T_CMP:-170}
+ITERS=${ITERS:-500}; SEEDS=0,1,2; PER=10; SMOKE=""; T_SD=${T_SD:-300}; T_CMP=${T_CMP:-170}
 if [ "${TINY:-0}" = 1 ]; then ITERS=2; SEEDS=0,1; PER=1; SMOKE=--smoke; T_SD=600; T_CMP=1200; fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo cpu) | tee $OUT/gpu.txt
 O="@iters=$ITERS@per_step=2"

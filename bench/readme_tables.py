@@ -85,12 +85,58 @@ def _ordering(d: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"compare": _compare, "compare-order": _ordering}
+def _times(d: dict) -> str:
+    """Per bit width, each method's quantization wall time (calibration set, reconstruction;
+    the float trajectories shared by every row excluded), from a ``compare.json``."""
+    rows = [r for r in d["results"] if r["method"] != "float"]
+    lines = []
+    for bits in dict.fromkeys(r["bits"] for r in rows):
+        cells = ", ".join(f"{r['method'].split('@')[0]} {r['quantize_s']:.1f} s" for r in rows if r["bits"] == bits)
+        lines.append(f"- **{bits}**: {cells}.")
+    return "\n".join(lines) + "\n"
+
+
+def _hadamard(rows: list) -> str:
+    """``bench/bench_hadamard.py`` JSON lines as a table: per width and tokens, the dispatch-
+    amortized time (``loop`` median, µs) of copy / block / full / dense matmul, and full ÷ copy."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["width"], r["tokens"]), {})[r["method"]] = r
+    head = ("| width | tokens | copy µs | block Hadamard µs | full Hadamard µs | dense bf16 matmul µs "
+            "| full ÷ copy | full GB/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out = [head]
+    for (w, t), m in sorted(by.items()):
+        us = {k: 1e3 * v["loop"]["median_ms"] for k, v in m.items()}
+        if not {"copy", "block", "full", "matmul"} <= set(us):
+            continue
+        out.append(f"| {w} | {t} | {us['copy']:.1f} | {us['block']:.1f} | {us['full']:.1f} | {us['matmul']:.1f} "
+                   f"| {us['full'] / us['copy']:.1f}× | {m['full']['gbps']:.0f} |")
+    first = rows[0] if rows else {}
+    return "\n".join(out) + (f"\n\n{first.get('device', '')}, jax {first.get('jax', '')}, bf16 `[tokens, width]`; "
+                              "`python3 bench/bench_hadamard.py`.\n")
+
+
+def _attention(d: dict) -> str:
+    """``bench/attention_8bit_quality.py`` output: PSNR vs float with the 8-bit attention and
+    with float attention (same quantized linears, seeds and noise), and the mean per-seed change."""
+    out = ["| attention | method | PSNR vs float, 8-bit attention | PSNR, float attention | mean Δ (dB) | Δ per seed |",
+           "|---|---|---:|---:|---:|---|"]
+    for r in d["rows"]:
+        out.append(f"| {r['attention']} | {r['method']} | {r['psnr_db']:.2f} ± {r['ci95']:.2f} "
+                   f"| {r['linear_only_psnr_db']:.2f} ± {r['linear_only_ci95']:.2f} | {r['delta_db_mean']:+.2f} "
+                   f"| {', '.join(f'{x:+.2f}' for x in r['delta_db_per_seed'])} |")
+    return "\n".join(out) + "\n"
+
+
+RENDERERS = {"attention": _attention, "compare": _compare, "compare-order": _ordering, "compare-times": _times, "hadamard": _hadamard}
 
 
 def render(kind: str, path: str) -> str:
     with open(os.path.join(ROOT, path)) as f:
-        data = json.load(f)
+        if path.endswith(".jsonl"):
+            data = [json.loads(line) for line in f if line.strip()]
+        else:
+            data = json.load(f)
     return RENDERERS[kind](data).rstrip("\n") + "\n"
 
 

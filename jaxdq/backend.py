@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxdq.quant.progressive import ProgressiveWeight
 from jaxdq.quant.twinlog import TwinLogWeight
 from jaxdq.quant.layers import (ConvGeometry, FloatConv, FloatLinear, QConv, QLinear, QWeight, Segmented, as_layer,
                                 forward, map_layers)
@@ -224,6 +225,29 @@ def kernel_supported(q: QLinear) -> bool:
     return True
 
 
+def _hopper_selected(pol: Policy) -> bool:
+    """Whether the kernel path's GEMM is the Mosaic GPU (Hopper) one under ``pol``."""
+    return pol.gemm == "hopper" or (pol.gemm == "auto" and not pol.interpret and _is_hopper())
+
+
+def progressive_kernel_supported(q: QLinear) -> bool:
+    """Whether the Hopper GEMM computes ``q`` with a :class:`~jaxdq.quant.progressive.ProgressiveWeight`:
+    packed codes, groups of 64 or 128, dynamic symmetric per-token integer activations of at
+    most 8 bits, K and N multiples of 128, a block-Hadamard rotation of a power-of-two block
+    ≥ 16 or none.  (Other GPUs, small M and the rest run the XLA integer path.)"""
+    w = q.weight
+    if not isinstance(w, ProgressiveWeight) or q.act is None or q.act.static:
+        return False
+    a = q.act.spec
+    if not (a.symmetric and a.granularity == "token" and a.bits <= 8 and a.fmt == "int"):
+        return False
+    if not w.packed or w.group_size not in (64, 128) or q.in_features % 128 or q.out_features % 128:
+        return False
+    rot = q.transform.rotation
+    block = 0 if rot is None else getattr(rot, "kernel_block", 0)
+    return rot is None or (block >= 16 and not block & (block - 1))
+
+
 def choose(q: QLinear, rows: int, pol: Policy) -> str:
     """The implementation of quantized linear ``q`` called on ``rows`` rows under ``pol``:
     "fake", "int", "weight_only" or "kernel" (see the module docstring)."""
@@ -238,6 +262,10 @@ def choose(q: QLinear, rows: int, pol: Policy) -> str:
     if q.act is None:
         return "weight_only"
     if twinlog_kernel_supported(q):  # the twin-log GEMM at every M (its XLA int path is int32 × int32)
+        return "kernel"
+    if isinstance(q.weight, ProgressiveWeight):  # only the Hopper GEMM expands its groups in the kernel
+        if not (progressive_kernel_supported(q) and _hopper_selected(pol)) or rows <= pol.small_m:
+            return exact
         return "kernel"
     if not kernel_supported(q):
         return exact
@@ -301,7 +329,7 @@ def execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
         return forward(layer.transform, layer.bias, x, layer.product_int, jnp.float32)
     if impl == "weight_only":
         return _weight_only(layer, x)
-    fwd = _kernel_forward if isinstance(layer.weight, QWeight) else _twinlog_kernel_forward
+    fwd = _twinlog_kernel_forward if isinstance(layer.weight, TwinLogWeight) else _kernel_forward
     y = fwd(layer, x.reshape(-1, layer.in_features), pol)
     return y.reshape(*x.shape[:-1], layer.out_features).astype(x.dtype)
 
@@ -353,8 +381,10 @@ def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
     zx = None if sym else outs[3]
     bias = None if q.bias is None else q.bias.astype(jnp.float32)
     w = q.weight
+    if isinstance(w, ProgressiveWeight):  # chosen only with the Hopper GEMM (choose)
+        return _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, 0, m_pad, pol)[:m]
     group = max(ag, w.spec.group_size if w.spec.granularity == "group" else 0)
-    hopper = pol.gemm == "hopper" or (pol.gemm == "auto" and not pol.interpret and _is_hopper())
+    hopper = _hopper_selected(pol)
     if hopper and group in (0, 64, 128):
         y = _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol)
     else:
@@ -370,7 +400,13 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
 
     fuse = pol.fuse_lowrank and xl1 is not None
     w = q.weight
-    sw = w.scale.reshape(-1) if w.spec.granularity == "channel" else w.scale
+    pg = isinstance(w, ProgressiveWeight)
+    if pg:  # QServe's W4A8: per-channel s1, the groups' integer zero/scale expanded in the kernel
+        wt, w_zero, w_gscale = w.kernel_operands()
+        sw = w.s1.reshape(-1)
+    else:
+        wt, w_zero, w_gscale = _weight_nk(q), None, None
+        sw = w.scale.reshape(-1) if w.spec.granularity == "channel" else w.scale
     tile_n = None  # the kernel's default (64) with group scales or a second accumulator
     if not (group or fuse):
         tile_n = pick_tile_n(m_pad, q.out_features, num_sms=device_num_sms())
@@ -383,9 +419,10 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
         num_sms = max(1, -(-m_pad // 128) * (q.out_features // 128))
     cfg = HopperGemmConfig(tile_n=tile_n, num_sms=num_sms,
                            interpret=gpu_interpret_params() if pol.interpret else None)
-    y = int8_gemm_ws(codes, _weight_nk(q), sx if _act_group(q) else sx[:, 0], sw, bias=bias,
+    y = int8_gemm_ws(codes, wt, sx if _act_group(q) else sx[:, 0], sw, bias=bias,
                      xa=xl1 if fuse else None, l2=l2 if fuse else None,
-                     x_zero=None if zx is None else zx[:, 0], out_dtype=jnp.bfloat16, config=cfg)
+                     x_zero=None if zx is None else zx[:, 0], w_zero=w_zero, w_gscale=w_gscale,
+                     out_dtype=jnp.bfloat16, config=cfg)
     if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
         y = (y.astype(jnp.float32) + jnp.dot(xl1, l2.astype(jnp.bfloat16),
                                              preferred_element_type=jnp.float32)).astype(jnp.bfloat16)

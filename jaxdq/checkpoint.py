@@ -42,12 +42,14 @@ from jaxdq.quant.hadamard import BlockHadamard, FullHadamard
 from jaxdq.quant.layers import (ActQuant, FloatConv, FloatLinear, InputTransform, QConv, QLinear, QWeight, Segmented,
                                 get_path, set_path)
 from jaxdq.quant.quantizer import QuantSpec
+from jaxdq.quant.progressive import ProgressiveWeight
 from jaxdq.quant.twinlog import TwinLogWeight
 
 FORMAT_VERSION = 2
 FILE_LIST = "jaxdq_files.json"
 NODE_TYPES = {c.__name__: c for c in (FloatLinear, QLinear, FloatConv, QConv, QWeight, ActQuant, InputTransform,
-                                      BlockHadamard, FullHadamard, Segmented, TwinLogWeight, DuQuantRotation)}
+                                      BlockHadamard, FullHadamard, Segmented, TwinLogWeight, DuQuantRotation,
+                                      ProgressiveWeight)}
 
 
 class CheckpointFormatError(ValueError):

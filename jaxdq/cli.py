@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "interval (Student t) over them, per-seed values in compare.json (overrides --seed)")
     p.add_argument("--keep-going", action="store_true",
                    help="a method that fails is left out (its error in the notes) instead of ending the run")
+    p.add_argument("--attention", default=None, metavar="IMPL",
+                   help="the quantized rows' attention: sage8 (INT8 QK^T + FP8 PV), fp8, float32, xla, cudnn; "
+                        "the float row keeps the model's own")
     _add_devices(p)
 
     p = sub.add_parser("convert", help="PyTorch checkpoint -> jaxdq (orbax) checkpoint")
@@ -338,7 +341,8 @@ def _run_compare(args, methods):
                       per_class=args.per_class, solver=args.solver, num_steps=args.steps, cfg_scale=args.cfg,
                       seed=args.seed, seeds=getattr(args, "seeds", None), calib_per_class=args.calib_per_class,
                       vae=args.vae, out_dir=None, mesh=_mesh(args), keep_going=getattr(args, "keep_going", False),
-                      on_row=lambda partial: outputs.write_partial_compare(args.out, partial))
+                      on_row=lambda partial: outputs.write_partial_compare(args.out, partial),
+                      attention=getattr(args, "attention", None))
     outputs.write_compare(args.out, res)
     print(markdown_table(res["results"]))
     for n in res["notes"]:

@@ -88,7 +88,7 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
                 extractor=None,
                 out_dir: Optional[str] = None, policy: Policy = REFERENCE, progress: bool = True,
                 model: Optional[LoadedModel] = None, mesh=None, keep_going: bool = False,
-                on_row=None) -> dict:
+                on_row=None, attention: Optional[str] = None) -> dict:
     """Compare ``methods`` (and the float model) on one model; see module docstring.
 
     ``mesh``: a ``jax.sharding.Mesh``: calibration and sampling data parallel over its
@@ -100,6 +100,9 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
     row's metrics (:data:`SEED_METRICS`) are the means over seeds, ``row["per_seed"][metric]``
     the values in seed order and ``row["ci95"][metric]`` the half-width of the 95% Student-t
     interval of the mean (:func:`mean_ci95`); images (and the PNG) are the first seed's.
+    ``attention``: the quantized rows' attention implementation (e.g. ``"sage8"``, 8-bit
+    attention; :mod:`jaxdq.models.attention`); the float row keeps the model's own, so the
+    scores say what the quantized attention costs on top of the quantized linears.
     ``keep_going``: a method that raises is left out (its error in the notes) instead of
     ending the comparison.  ``on_row(partial)``: called after every finished row with
     ``{"settings", "results", "notes", "partial": True}`` (the rows so far), so a run that is
@@ -132,6 +135,15 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
         _log("note: " + n)
     run = fam.sampler(model.config, solver=solver, num_steps=num_steps, guidance=cfg_scale, policy=policy,
                       progress=progress, mesh=mesh)
+    run_q = run
+    if attention is not None:
+        if not hasattr(model.config, "attention"):
+            raise ValueError(f"--attention: the {model.arch} family has no attention option")
+        from jaxdq.models.attention import check_attention_impl
+
+        check_attention_impl(attention)
+        run_q = fam.sampler(dataclasses.replace(model.config, attention=attention), solver=solver,
+                            num_steps=num_steps, guidance=cfg_scale, policy=policy, progress=progress, mesh=mesh)
     key = jax.random.PRNGKey(seed + 1)
     calib = None
     if any(m != "float" and get_recipe(m).needs.any for m in methods):
@@ -150,6 +162,8 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
                         "digits classifier (in-project)" if real_feats is not None else type(extractor).__name__)}
         if classes is not None:
             settings["classes"] = list(classes)
+        if attention is not None:
+            settings["attention"] = attention  # of the quantized rows (the float row: the model's own)
         return settings
 
     images0 = None
@@ -168,7 +182,8 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
             continue
         tq = time.time() - t0
         t0 = time.time()
-        x0 = np.asarray(jax.block_until_ready(run(m.params, batch.x_T, batch.cond, batch.uncond, key)))
+        sample = run if name == "float" else run_q
+        x0 = np.asarray(jax.block_until_ready(sample(m.params, batch.x_T, batch.cond, batch.uncond, key)))
         ts = time.time() - t0
         img = to_images(model, x0, vae_model)
         if images0 is None:
@@ -185,7 +200,7 @@ def run_compare(model_source: str = "default", methods: Sequence[str] = DEFAULT_
             per = [rows[-1]]
             for i, (b, k) in enumerate(extra):
                 t0 = time.time()
-                xs = np.asarray(jax.block_until_ready(run(m.params, b.x_T, b.cond, b.uncond, k)))
+                xs = np.asarray(jax.block_until_ready(sample(m.params, b.x_T, b.cond, b.uncond, k)))
                 ts = time.time() - t0
                 im = to_images(model, xs, vae_model)
                 if name == "float":

@@ -41,7 +41,7 @@ from pallas_kernels._common import weight_colsum
 from pallas_kernels.int_gemm import int_gemm_reference
 
 __all__ = ["HopperGemmConfig", "int8_gemm_ws", "int_gemm_reference", "pick_tile_n", "device_num_sms",
-           "gpu_interpret_params", "smem_bytes"]
+           "gpu_interpret_params", "smem_bytes", "progressive_expand_reference", "progressive_gemm_reference"]
 
 
 #: Shared memory one CTA may use on sm_90 (232448 B, as Mosaic GPU reports it), less
@@ -50,17 +50,43 @@ _SMEM_BUDGET = 232448 - 2048
 
 
 def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, tile_k: int, w4: bool,
-               grouped: bool, rank: int, out_slots: int, out_bytes: int, interpret: bool = False) -> int:
+               grouped: bool, rank: int, out_slots: int, out_bytes: int, interpret: bool = False,
+               progressive: bool = False) -> int:
     """Shared memory of one :func:`int8_gemm_ws` CTA with ``steps`` pipeline stages, barriers
-    aside: the X/W (and scale-row) stages, the double-buffered epilogue tiles
-    (``out_slots`` elements each), the low-rank operand tiles, the int4 → int8 weight tiles,
-    and the interpreter's transpose buffers."""
-    per_step = cta_m * tile_k + cta_n * tile_k // (2 if w4 else 1) + (4 * (cta_m + cta_n) if grouped else 0)
+    aside: the X/W (and scale-row, or progressive zero/scale-row) stages, the double-buffered
+    epilogue tiles (``out_slots`` elements each), the low-rank operand tiles, the int4 → int8
+    weight tiles, and the interpreter's transpose buffers."""
+    per_step = (cta_m * tile_k + cta_n * tile_k // (2 if w4 else 1) + (4 * (cta_m + cta_n) if grouped else 0)
+                + (2 * cta_n if progressive else 0))
     fixed = (2 * out_slots * out_bytes
              + (2 * (tile_m + tile_n) * rank * 2 if rank else 0)
-             + (2 * 2 * tile_n * tile_k if w4 else 0)
+             + (2 * 2 * tile_n * tile_k if w4 or progressive else 0)
              + (2 * tile_k * tile_n + 2 * max(rank, 16) * tile_n * 2 if interpret else 0))
     return fixed + steps * per_step
+
+
+def progressive_expand_reference(wt: jax.Array, w_zero: jax.Array, w_gscale: jax.Array) -> jax.Array:
+    """The progressive-group weight expansion: int8 ``[N, K]`` ``(wt − w_zero) · w_gscale``.
+
+    wt: ``jnp.int4`` (or int8) ``[N, K]`` codes, K-major; w_zero, w_gscale: int8 ``[G, N]``,
+    one per group of ``K / G`` input channels and output channel.  Computed in int32 and
+    narrowed (QServe's format keeps the product in [-128, 127] by construction)."""
+    n, k = wt.shape
+    g = k // w_zero.shape[0]
+    z = jnp.repeat(w_zero.astype(jnp.int32).T, g, axis=1)
+    s = jnp.repeat(w_gscale.astype(jnp.int32).T, g, axis=1)
+    return ((wt.astype(jnp.int32) - z) * s).astype(jnp.int8)
+
+
+def progressive_gemm_reference(xq, wt, w_zero, w_gscale, sx, sw, *, bias=None, xa=None, l2=None,
+                               out_dtype=jnp.bfloat16) -> jax.Array:
+    """What :func:`int8_gemm_ws` computes with ``w_zero=``/``w_gscale=`` (QServe's W4A8):
+    ``y = (xq @ w8ᵀ) · sx ⊗ sw + bias + xa @ l2`` with ``w8 = (wt − w_zero) · w_gscale``
+    (:func:`progressive_expand_reference`), the int32 product exact; ``xq`` int8 ``[M, K]``,
+    ``sx`` f32 ``[M]``, ``sw`` f32 ``[N]``; ``out_dtype [M, N]``."""
+    w8 = progressive_expand_reference(wt, w_zero, w_gscale)
+    return int_gemm_reference(xq, w8.T, sx.reshape(-1, 1), sw.reshape(1, -1), bias=bias, xa=xa, l2=l2,
+                              out_dtype=out_dtype)
 
 
 def gpu_interpret_params():
@@ -70,6 +96,10 @@ def gpu_interpret_params():
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except Exception:  # pragma: no cover
         return None
+    # jax 0.10.2's default of one TMA thread deadlocks at a barrier wait once a pipeline has
+    # more outstanding copies than it serves (e.g. int4 weights with pipelined group rows)
+    if "num_tma_threads_per_device" in {f.name for f in dataclasses.fields(InterpretGPUParams)}:
+        return InterpretGPUParams(num_tma_threads_per_device=16)
     return InterpretGPUParams()
 
 
@@ -134,7 +164,8 @@ class HopperGemmConfig:
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
 def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_colsum=None, gate=None,
-                 residual=None, out_dtype=jnp.bfloat16, config: HopperGemmConfig = HopperGemmConfig()):
+                 residual=None, w_zero=None, w_gscale=None, out_dtype=jnp.bfloat16,
+                 config: HopperGemmConfig = HopperGemmConfig()):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
     ``y = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``,
@@ -163,6 +194,14 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
       gate: ``[B, N]`` per-sample gate (DiT's ``gate_msa``/``gate_mlp``): row m uses
         ``gate[m // (M / B)]``; the tokens per sample ``M / B`` must be a multiple of the
         CTA tile's rows (128, or 256 with warpgroups split along M).  residual: ``[M, N]``.
+      w_zero, w_gscale: int8 ``[G, N]``: QServe's progressive-group W4A8 (reference
+        :func:`progressive_gemm_reference`).  The weight the GEMM multiplies is
+        ``w8 = (wt − w_zero) · w_gscale`` per group of ``K / G`` input channels (64 or 128),
+        with ``wt`` ``jnp.int4`` and ``sx [M]``, ``sw [N]`` per token / per channel: the
+        group's integer zero and scale are applied while each consumer expands its int4
+        tile to int8 (``tile_k`` = the group), the zero/scale rows arriving through the
+        operands' TMA pipeline, and the main loop is the W8A8 one (int32 accumulator,
+        ``wgmma_wait(1)``, scales once in the epilogue): no per-group float rescale.
     Instructions: the main loop is ``wgmma.mma_async.sync.aligned.m64nNk32.s32.s8.s8``
     (dense) with both operands in swizzled shared memory.  int4 weights travel HBM→SMEM by TMA
     as 4-bit, each consumer warpgroup converts its ``[tile_n, tile_k]`` tile to int8 in
@@ -206,6 +245,22 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     if fp8 and (wt.dtype != jnp.float8_e4m3fn or grouped or has_zero):
         raise ValueError("FP8 operands: e4m3 activations and weights, per-token × per-channel scales, no zero points")
     code_dt = jnp.float8_e4m3fn if fp8 else jnp.int8
+    pg = w_zero is not None  # progressive groups: integer zero/scale in the int4 → int8 expansion
+    pg_pipe = False
+    if pg:
+        if (w_gscale is None or fp8 or grouped or w_zero.shape != w_gscale.shape or w_zero.shape[1] != n
+                or wt.dtype not in (jnp.int4, jnp.int8)):
+            raise ValueError("progressive groups: jnp.int4 (or int8) wt [N, K], w_zero and w_gscale int8 [G, N], "
+                             "per-token sx [M] and per-channel sw [N]")
+        pg_groups = w_zero.shape[0]
+        if k % pg_groups or k // pg_groups not in (64, 128):
+            raise ValueError(f"progressive group size K/G = {k}/{pg_groups} unsupported (64 or 128)")
+        tile_k = k // pg_groups
+        pg_pipe = True
+        w_zero, w_gscale = w_zero.astype(jnp.int8), w_gscale.astype(jnp.int8)
+        if has_zero and w_colsum is None:  # Σ_k of the expanded weight, not of the raw codes
+            w_colsum = jnp.sum(progressive_expand_reference(wt, w_zero, w_gscale).astype(jnp.int32),
+                               axis=1).astype(jnp.float32)
     has_gate, has_res = gate is not None, residual is not None
     if has_zero:
         if grouped:
@@ -248,7 +303,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     smem = functools.partial(
         smem_bytes, cta_m=cta_m, cta_n=cta_n, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, w4=w4,
         grouped=grouped, rank=r, out_slots=num_out_slots * epi_tile_m * epi_tile_n,
-        out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret))
+        out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret), progressive=pg)
     # e.g. int4 weights with warpgroups split along M: 4 steps need 262 KB > 227 KB
     while max_concurrent_steps > 2 and smem(max_concurrent_steps) > _SMEM_BUDGET:
         max_concurrent_steps -= 1
@@ -266,7 +321,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
         return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
     def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, g_gmem, r_gmem,
-               out_gmem):
+               wz_gmem, wsg_gmem, out_gmem):
         specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
                                  memory_space=plgpu.SMEM, delay_release=1),
                  plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
@@ -276,6 +331,9 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                                       delay_release=1),
                       plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
                                       delay_release=1)]
+        if pg_pipe:  # one int8 zero row and one int8 scale row per K-step (= group)
+            specs += [plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
+                                      delay_release=1) for _ in range(2)]
 
         def get_pipeline(pipeline_body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
@@ -284,7 +342,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                 compute_context=compute_context)
 
         ignore = lambda *_, **__: None
-        pipe_in = (x_gmem, w_gmem) + ((sx_gmem, sw_gmem) if grouped else ())
+        pipe_in = (x_gmem, w_gmem) + ((sx_gmem, sw_gmem) if grouped else ()) + ((wz_gmem, wsg_gmem) if pg_pipe else ())
 
         @functools.partial(
             pl.run_scoped,
@@ -294,7 +352,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                      plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=_transforms(r, 16)))
             if has_lr else None,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
-            w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 else None,
+            w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 or pg else None,
             tr_smem=(plgpu.SMEM((2, tile_k, tile_n), code_dt), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
             if interpret else None,
             collective_axes="wg")
@@ -371,12 +429,23 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                         plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], lr_smem[0].at[wg], lr_bar.at[2 * wg])
                         plgpu.copy_gmem_to_smem(l2t_gmem.at[cn].at[wn], lr_smem[1].at[wg], lr_bar.at[2 * wg + 1])
 
-                def weight_operand(kk, b_smem):
-                    """The K-major int8 ``[tile_n, tile_k]`` weight tile in SMEM, as ``[tile_k, tile_n]``."""
+                def weight_operand(kk, b_smem, z_smem=None, s_smem=None):
+                    """The K-major int8 ``[tile_n, tile_k]`` weight tile in SMEM, as ``[tile_k, tile_n]``
+                    (progressive groups: ``(w − z) · s`` with this K-step's int8 rows ``z_smem``,
+                    ``s_smem [1, cta_n]``, in integers, before the store)."""
                     b = b_smem.at[wn]
-                    if w4:  # int4 → int8 in registers, into this warpgroup's buffer of this parity
+                    if w4 or pg:  # int4 → int8 in registers, into this warpgroup's buffer of this parity
                         dst = w8_smem.at[wg, lax.rem(kk, 2)]
-                        dst[...] = b[...].astype(jnp.int8)
+                        w8 = b[...].astype(jnp.int8)
+                        if pg:
+                            if not pg_pipe:  # interpreter: this K-step's rows straight from GMEM
+                                z_smem, s_smem = wz_gmem.at[pl.ds(kk, 1), cn], wsg_gmem.at[pl.ds(kk, 1), cn]
+                            # Mosaic GPU has no 8-bit pointwise arithmetic: int16, exact, then back
+                            i16, tshape = jnp.int16, (w8.shape[0], tile_k)
+                            zc = lax.broadcast_in_dim(z_smem.at[0].at[wn][...].astype(i16), tshape, [0])
+                            sc = lax.broadcast_in_dim(s_smem.at[0].at[wn][...].astype(i16), tshape, [0])
+                            w8 = ((w8.astype(i16) - zc) * sc).astype(jnp.int8)
+                        dst[...] = w8
                         plgpu.commit_smem()
                         b = dst
                     return k_by_n(b, 0)
@@ -397,13 +466,15 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                             y = y * lax.broadcast_in_dim(srow, shape, [0]) * lax.broadcast_in_dim(scol, shape, [1])
                             epilogue(y)
 
-                    def mma_body(idx, a_smem, b_smem, acc_ref):
-                        plgpu.wgmma(acc_ref, a_smem.at[wm], weight_operand(idx[0], b_smem))
+                    def mma_body(idx, a_smem, b_smem, *rest):
+                        *zs, acc_ref = rest  # progressive groups: this K-step's zero and scale rows
+                        plgpu.wgmma(acc_ref, a_smem.at[wm], weight_operand(idx[0], b_smem, *zs))
                         plgpu.wgmma_wait(1)
                         return acc_ref
 
                     get_pipeline(mma_body, compute_context)(
-                        x_gmem.at[cm, :], w_gmem.at[cn, :], allocations=pipeline_allocs)
+                        x_gmem.at[cm, :], w_gmem.at[cn, :],
+                        *((wz_gmem.at[:, cn], wsg_gmem.at[:, cn]) if pg_pipe else ()), allocations=pipeline_allocs)
                 else:
                     def compute_context(eval_pipeline):
                         start_lowrank_loads()
@@ -446,7 +517,11 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
         zx_in, ws_in = jnp.zeros((m,), jnp.float32), jnp.zeros((n,), jnp.float32)
     g_in = gate.astype(jnp.float32).reshape(-1) if has_gate else jnp.zeros((n,), jnp.float32)
     r_in = residual if has_res else jnp.zeros((1, n), out_dtype)  # (unused when absent)
-    rest = (b, xa_in, l2t_in, zx_in, ws_in, g_in, r_in)
+    if pg:
+        wz_in, wsg_in = w_zero, w_gscale
+    else:  # unused
+        wz_in = wsg_in = jnp.zeros((1, n), jnp.int8)
+    rest = (b, xa_in, l2t_in, zx_in, ws_in, g_in, r_in, wz_in, wsg_in)
     if grouped:
         return f(xq, wt, sxg, swg, *rest)[:m_out]
     return f(xq, wt, sx.reshape(m), sw.reshape(n), *rest)[:m_out]

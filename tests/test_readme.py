@@ -84,3 +84,30 @@ def test_intervals_are_shown_and_orderings_stated_only_where_they_separate():
     assert "W4A8, PSNR" not in text  # one method at W4A8: nothing to order
     single = {"settings": {"seeds": [0]}, "results": [dict(r, ci95={}) for r in rows]}
     assert "no ordering" in readme_tables.RENDERERS["compare-order"](single)
+
+
+def test_rows_of_a_later_run_join_a_table_only_when_they_compare(tmp_path):
+    """bench/compare_chunks.py --merge-into: a later run's rows are added when its settings and
+    float row are the base table's; a different run is refused (its rows would not compare)."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import compare_chunks
+
+    settings = {"model": "default", "seeds": [0, 1, 2], "steps": 25}
+    flt = {"method": "float", "per_seed": {"fd_vs_data": [1.0, 2.0, 3.0]}}
+    base = {"settings": settings, "results": [flt, {"method": "a"}], "notes": ["n1"], "command": "c0"}
+    extra = {"settings": settings, "results": [flt, {"method": "a"}, {"method": "b"}], "notes": ["n2"],
+             "command": "c1"}
+    bp, ep = tmp_path / "base.json", tmp_path / "extra.json"
+    bp.write_text(json.dumps(base))
+    ep.write_text(json.dumps(extra))
+    merged = compare_chunks.merge_into(str(bp), str(ep))
+    assert [r["method"] for r in merged["results"]] == ["float", "a", "b"]  # "a" kept from the base
+    assert merged["added_rows"] == [{"methods": ["b"], "command": "c1"}] and merged["notes"] == ["n1", "n2"]
+    assert json.loads(bp.read_text()) == merged
+    for bad in ({"settings": dict(settings, steps=50)},
+                {"results": [{"method": "float", "per_seed": {"fd_vs_data": [1.0, 2.0, 9.0]}}, {"method": "c"}]}):
+        ep.write_text(json.dumps(dict(extra, **bad)))
+        with pytest.raises(ValueError):
+            compare_chunks.merge_into(str(bp), str(ep))

@@ -12,6 +12,15 @@
   (bench/results/e2e_h100.json, profile).
 * ``"xla"``: the same call with XLA's implementation (materialized, input dtype); runs
   anywhere.
+* ``"sage8"``: 8-bit attention as SageAttention computes it (the numerics of issue 19's
+  Hopper kernel, here in jnp: runs anywhere, no speed-up): K smoothed by its mean over
+  tokens (softmax is invariant to it), Q and K INT8 with one symmetric scale per block of
+  :data:`SAGE_BLOCK_Q` / :data:`SAGE_BLOCK_K` tokens and head, ``Q Kᵀ`` in int32; the
+  unnormalized probabilities ``P̃ = exp(S − rowmax) ∈ [0, 1]`` as FP8 e4m3 (scale 1/448),
+  V as FP8 e4m3 per channel and head, ``P̃ V`` and the row sums in float32.
+* ``"fp8"``: the same with Q and K in FP8 e4m3 per block instead of INT8 (FP8 ``Q Kᵀ``).
+* ``"int8qk"``: INT8 ``Q Kᵀ`` as ``"sage8"`` with ``P̃`` and V in float16 (SageAttention v1's
+  scheme), to see what the FP8 ``P̃ V`` costs.
 * ``"a2a"`` (``"a2a-xla"``, ``"a2a-cudnn"``): sequence parallel over the ``"model"`` axis of
   the mesh in jax's mesh context (:func:`jaxdq.distributed.sequence_parallel_attention`:
   all-to-all from a sequence split to a head split and back, ``shard_map``), each device
@@ -28,7 +37,11 @@ import jax
 import jax.numpy as jnp
 
 SEQUENCE_PARALLEL = ("a2a", "a2a-xla", "a2a-cudnn")
-IMPLS = ("float32", "cudnn", "xla") + SEQUENCE_PARALLEL
+EIGHT_BIT = ("sage8", "fp8", "int8qk")
+IMPLS = ("float32", "cudnn", "xla") + EIGHT_BIT + SEQUENCE_PARALLEL
+SAGE_BLOCK_Q = 128  # tokens per Q scale (SageAttention's per-block granularity)
+SAGE_BLOCK_K = 64  # tokens per K scale
+_E4M3_MAX = 448.0
 
 
 def check_attention_impl(impl: str) -> None:
@@ -57,6 +70,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
             logits = logits + bias.astype(jnp.float32)[:, None, None, :]
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
     check_attention_impl(impl)
+    if impl in EIGHT_BIT:
+        return attention_8bit(q, k, v, bias, qk="e4m3" if impl == "fp8" else "int8",
+                              pv="float16" if impl == "int8qk" else "e4m3")
     if impl in SEQUENCE_PARALLEL:
         from jaxdq.distributed import sequence_parallel_attention
 
@@ -70,3 +86,62 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
     if bias is not None:  # cuDNN wants the bias as [N|1, H|1, Tq, Tk]
         b = jnp.broadcast_to(bias.astype(dtype)[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=b, implementation=impl).astype(out_dtype)
+
+
+def _per_block_scale(x: jax.Array, block: int, qmax: float) -> jax.Array:
+    """Symmetric scale per block of ``block`` tokens and head: ``[N, T, H, 1]`` (broadcast
+    back over the block's tokens), ``max|x| / qmax`` (1 for an all-zero block)."""
+    n, t, h, d = x.shape
+    pad = (-t) % block
+    xp = jnp.pad(jnp.abs(x), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    amax = xp.reshape(n, -1, block, h, d).max(axis=(2, 4), keepdims=True)
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    return jnp.broadcast_to(scale, (n, xp.shape[1] // block, block, h, 1)).reshape(n, -1, h, 1)[:, :t]
+
+
+def _e4m3(x: jax.Array) -> jax.Array:
+    """Round float32 to the FP8 e4m3 grid (nearest even, saturating at ±448), back in float32."""
+    return jnp.clip(x, -_E4M3_MAX, _E4M3_MAX).astype(jnp.float8_e4m3fn).astype(jnp.float32)
+
+
+def attention_8bit(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array] = None,
+                   qk: str = "int8", smooth_k: bool = True, pv: str = "e4m3") -> jax.Array:
+    """SageAttention-style 8-bit attention (module docstring, ``"sage8"`` / ``"fp8"``).
+
+    Args:
+      q: ``[N, Tq, H, d]``; k, v: ``[N, Tk, H, d]``; bias ``[N, Tk]`` or None (added to the
+        dequantized logits, so a masked key gets no weight).
+      qk: ``"int8"`` (Q, K INT8 per block, int32 ``Q Kᵀ``) or ``"e4m3"`` (FP8 per block).
+      smooth_k: subtract K's mean over tokens first (SageAttention; False only to measure it).
+      pv: ``"e4m3"`` (P̃ and V in FP8, V per channel) or ``"float16"`` (both rounded to float16).
+    Returns:
+      ``[N, Tq, H, d]`` float32.
+    """
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    if smooth_k:  # softmax(q·(k − k̄)) = softmax(q·k): exact; K's shared offset leaves the INT8 range
+        k = k - k.mean(axis=1, keepdims=True)
+    if qk == "int8":
+        sq, sk = _per_block_scale(q, SAGE_BLOCK_Q, 127.0), _per_block_scale(k, SAGE_BLOCK_K, 127.0)
+        qc = jnp.clip(jnp.round(q / sq), -127, 127).astype(jnp.int8)
+        kc = jnp.clip(jnp.round(k / sk), -127, 127).astype(jnp.int8)
+        s = jnp.einsum("nqhd,nkhd->nhqk", qc, kc, preferred_element_type=jnp.int32).astype(jnp.float32)
+    elif qk == "e4m3":
+        sq, sk = _per_block_scale(q, SAGE_BLOCK_Q, _E4M3_MAX), _per_block_scale(k, SAGE_BLOCK_K, _E4M3_MAX)
+        s = jnp.einsum("nqhd,nkhd->nhqk", _e4m3(q / sq), _e4m3(k / sk))
+    else:
+        raise ValueError(f"qk={qk!r}: expected 'int8' or 'e4m3'")
+    s = s * sq[..., 0].transpose(0, 2, 1)[..., :, None] * sk[..., 0].transpose(0, 2, 1)[..., None, :]
+    s = s / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)[:, None, None, :]
+    p = jnp.exp(s - s.max(axis=-1, keepdims=True))  # P̃ ∈ [0, 1], row max 1
+    denom = p.sum(axis=-1, keepdims=True)  # float32 row sums of the unquantized P̃, as the kernel keeps
+    if pv == "float16":
+        f16 = lambda a: a.astype(jnp.float16).astype(jnp.float32)  # noqa: E731
+        return jnp.einsum("nhqk,nkhd->nqhd", f16(p), f16(v)) / denom.transpose(0, 2, 1, 3)
+    if pv != "e4m3":
+        raise ValueError(f"pv={pv!r}: expected 'e4m3' or 'float16'")
+    sv = jnp.max(jnp.abs(v), axis=1, keepdims=True) / _E4M3_MAX  # [N, 1, H, d] per channel and head
+    sv = jnp.where(sv > 0, sv, 1.0)
+    out = jnp.einsum("nhqk,nkhd->nqhd", _e4m3(p * _E4M3_MAX), _e4m3(v / sv)) / _E4M3_MAX
+    return out * sv / denom.transpose(0, 2, 1, 3)

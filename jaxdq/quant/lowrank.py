@@ -56,9 +56,17 @@ def _round(a: np.ndarray, dtype) -> np.ndarray:
     return np.asarray(jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
 
 
+def _fake(r, quant_spec):
+    """Quantize-dequantize the residual: a QuantSpec, or a weight quantizer with its own
+    ``fake_quant(w)`` (e.g. :class:`jaxdq.quant.progressive.ProgressiveSpec`)."""
+    if isinstance(quant_spec, QuantSpec):
+        return fake_quant(r, quant_spec, kind="weight")
+    return quant_spec.fake_quant(r)
+
+
 def weight_error(kernel, split: Split, quant_spec: Optional[QuantSpec]) -> float:
     """``‖Ŵ − (L1 L2 + Q(R))‖_F`` in float64 (``Q`` = identity when ``quant_spec`` is None)."""
-    r = split.R if quant_spec is None else fake_quant(split.R, quant_spec, kind="weight")
+    r = split.R if quant_spec is None else _fake(split.R, quant_spec)
     approx = np.asarray(split.L1, np.float64) @ np.asarray(split.L2, np.float64) + np.asarray(r, np.float64)
     return float(np.linalg.norm(np.asarray(kernel, np.float64) - approx))
 
@@ -97,7 +105,7 @@ def svd_split(kernel, rank: int, *, quant_spec: Optional[QuantSpec] = None, iter
     best_err = weight_error(w, best, quant_spec)
     cur = best
     for _ in range(iters):
-        q_r = np.asarray(fake_quant(cur.R, quant_spec, kind="weight"), np.float64)
+        q_r = np.asarray(_fake(cur.R, quant_spec), np.float64)
         cur = make(*_rank_r(w - q_r, rank))
         err = weight_error(w, cur, quant_spec)
         if err < best_err:

@@ -36,7 +36,13 @@ diffusion PTQ.  ``get_recipe(name)`` resolves names and aliases; :data:`RECIPES`
                        (W4/W8 per segment); layers whose bits change store both
 ``vidit-q-mp-static``  the same allocation made once for all timesteps
 ``svdquant``           SVDQuant W4A4 (α searched, rank-32 fp16 branch, INT4 g64);
-                       ``svdquant-w4a8``, ``svdquant-w8a8`` variants
+                       ``svdquant-w8a8`` variant
+``svdquant-w4a8``      SVDQuant's Hopper W4A8: the same smoothing and rank-32 branch,
+                       QServe progressive-group 4-bit weights (INT8 per channel, then
+                       UINT4 g64 with integer scales/zeros), dynamic per-token 8-bit
+                       activations; ``svdquant-w4a8-g64``: float-scale INT4 g64 weights
+``dynamic-w4a8-pg``    progressive-group 4-bit weights + dynamic per-token 8-bit
+                       activations (no smoothing or low rank)
 ``w8a16``, ``w4a16``   weight-only, per channel / per group of 64 (packed)
 =====================  ==========================================================
 """
@@ -49,6 +55,7 @@ from typing import Any, Optional
 from jaxdq.quant import mixed_precision as mp
 from jaxdq.quant.hadamard import rotation_for
 from jaxdq.quant.layers import get_path, iter_layers, map_layers, set_path, static_act_quant
+from jaxdq.quant.progressive import ProgressiveSpec
 from jaxdq.quant.quantizer import QuantSpec
 from jaxdq.quant.rules import CONV, LayerQuant, Rule, keep_float, quantize_conv_params, quantize_params, selected
 from jaxdq.quant.svdquant import svdquant
@@ -315,11 +322,14 @@ def _vidit_q_mp(per_segment: bool) -> Build:
     return build
 
 
-def _svdquant(w: int, a: int) -> Build:
+def _svdquant(w: int, a: int, progressive: bool = False) -> Build:
     def build(params, ctx):
         report: dict = {}
+        opts = dict(ctx.options)
+        if progressive:
+            opts.setdefault("progressive", True)
         q = svdquant(params, ctx.pooled("svdquant"), roles=ctx.roles, weight_bits=w, act_bits=a,
-                     rank=16 if w == 8 else 32, report=report, **ctx.options)
+                     rank=16 if w == 8 else 32, report=report, **opts)
         return q, {"layers": report}
     return build
 
@@ -348,6 +358,18 @@ for _fam, (_desc, _make, _needs) in _FAMILIES.items():
     for _w in (8, 4):
         register(Recipe(f"{_fam}-w{_w}a8", f"W{_w}A8", f"W{_w}A8 {_desc}", _make(_w, 8), _needs))
 
+
+def _dynamic_pg(group_size: int = 64) -> Build:
+    def build(params, ctx):
+        cfg = LayerQuant(weight=ProgressiveSpec(group_size=group_size), act=QuantSpec(bits=8, granularity="token"),
+                         pack=True)
+        return quantize_params(params, _rules(cfg), roles=ctx.roles), {}
+    return build
+
+
+register(Recipe("dynamic-w4a8-pg", "W4A8", "W4A8 progressive-group weights (INT8 per channel, then UINT4 group-64 "
+                "integer scales/zeros), dynamic per-token 8-bit activations", _dynamic_pg()))
+
 _MP = Needs(stats=True)
 register(Recipe("vidit-q-mp", "W4/8A8", "W4/8 A8 ViDiT-Q + metric-decoupled timestep-segment mixed precision",
                 _vidit_q_mp(True), _MP))
@@ -357,7 +379,11 @@ register(Recipe("vidit-q-mp-static", "W4/8A8",
 _SVDQ = Needs(stats=True, samples=True)
 register(Recipe("svdquant", "W4A4", "SVDQuant W4A4: smoothing (α searched) + rank-32 fp16 low-rank + INT4 "
                 "group-64 weights, dynamic 4-bit group-64 activations", _svdquant(4, 4), _SVDQ))
-register(Recipe("svdquant-w4a8", "W4A8", "SVDQuant W4A8 (per-token 8-bit activations)", _svdquant(4, 8), _SVDQ))
+register(Recipe("svdquant-w4a8", "W4A8", "SVDQuant W4A8 for the Hopper GEMM: smoothing (α searched) + rank-32 fp16 "
+                "low-rank + progressive-group 4-bit weights (INT8 per channel, UINT4 group-64 integer scales/zeros; "
+                "no per-group float rescale), dynamic per-token 8-bit activations", _svdquant(4, 8, True), _SVDQ))
+register(Recipe("svdquant-w4a8-g64", "W4A8", "SVDQuant W4A8 with float-scale INT4 group-64 weights (the format "
+                "before svdquant-w4a8 took progressive groups), per-token 8-bit activations", _svdquant(4, 8), _SVDQ))
 register(Recipe("svdquant-w8a8", "W8A8", "SVDQuant W8A8 (rank 16, per-channel weights, per-token activations)",
                 _svdquant(8, 8), _SVDQ))
 register(Recipe("w8a16", "W8A16", "weight-only 8-bit, per-channel", _weight_only(8, None)))

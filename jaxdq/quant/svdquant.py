@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdq.quant.layers import FloatLinear, QLinear, as_layer, get_path, map_layers
+from jaxdq.quant.progressive import ProgressiveSpec
 from jaxdq.quant.quantizer import QuantSpec
 from jaxdq.quant.rules import FIRST_LAST, LayerQuant, Rule, config_of, quantize_linear
 from jaxdq.quant.smooth import smoothing_factors
@@ -76,28 +77,37 @@ _SAME = "same"
 
 
 def svdquant_config(weight_bits: int = 4, act_bits: Optional[int] = 4, group_size: Optional[int] = 64,
-                    act_group_size: Optional[int] | str = _SAME) -> LayerQuant:
+                    act_group_size: Optional[int] | str = _SAME, progressive: bool = False) -> LayerQuant:
     """LayerQuant of SVDQuant's residual GEMM: symmetric weights and dynamic symmetric
     activations, per group of ``group_size`` input channels at 4 bits (per output
     channel / per token at 8 bits); 4-bit weight codes packed.  ``act_bits=None``:
     float activations (W{b}A16).  ``act_group_size`` (default: ``group_size``) sets the
     activations' group separately; None = one scale per token (what the fused GPU
-    kernels support, :func:`jaxdq.backend.kernel_supported`)."""
+    kernels support, :func:`jaxdq.backend.kernel_supported`).  ``progressive``: 4-bit
+    weights in QServe's progressive group format instead (:mod:`jaxdq.quant.progressive`:
+    per-channel INT8 then per-group UINT4 with integer scales/zeros, group ``group_size``),
+    for the W4A8 Hopper GEMM without a per-group float rescale."""
     ag = group_size if act_group_size == _SAME else act_group_size
     act = None if act_bits is None else _spec(act_bits, ag, "token")
+    if progressive:
+        if weight_bits != 4:
+            raise ValueError(f"progressive group weights are 4-bit, got weight_bits={weight_bits}")
+        return LayerQuant(weight=ProgressiveSpec(group_size=group_size or 64), act=act, pack=True)
     return LayerQuant(weight=_spec(weight_bits, group_size, "channel"), act=act, pack=weight_bits <= 4)
 
 
 def svdquant_rules(*, weight_bits: int = 4, act_bits: int = 4, group_size: Optional[int] = 64,
                    act_group_size: Optional[int] | str = _SAME, keep_float: Sequence[str] = KEEP_FLOAT_ROLES,
-                   weight_only: Sequence[str] = WEIGHT_ONLY_ROLES) -> list[Rule]:
+                   weight_only: Sequence[str] = WEIGHT_ONLY_ROLES, progressive: bool = False) -> list[Rule]:
     """The paper's precision defaults as role rules (first match wins): ``keep_float`` roles
     stay float, ``weight_only`` roles get W{weight_bits}A16 per group, every other linear
     the full SVDQuant treatment.  :func:`svdquant` applies smoothing and the low-rank
-    branch only to layers whose config quantizes activations."""
+    branch only to layers whose config quantizes activations.  ``progressive``: the full
+    SVDQuant layers' weights in the progressive group format (the weight-only layers keep
+    uniform group weights: without int8 activations there is no integer GEMM to serve)."""
     return [Rule(None, roles=tuple(keep_float)),
             Rule(svdquant_config(weight_bits, None, group_size), roles=tuple(weight_only)),
-            Rule(svdquant_config(weight_bits, act_bits, group_size, act_group_size))]
+            Rule(svdquant_config(weight_bits, act_bits, group_size, act_group_size, progressive))]
 
 
 def svdquant_layer(layer: FloatLinear, cfg: LayerQuant, *, act_absmax=None, alpha: Optional[float] = None,
@@ -196,7 +206,8 @@ def svdquant(params: Mapping, stats: Mapping, *, roles: Mapping[str, str], rank:
              act_bits: int = 4, group_size: Optional[int] = 64, act_group_size: Optional[int] | str = _SAME,
              alpha: Optional[float] = None, alphas: Sequence[float] = DEFAULT_ALPHAS,
              rules: Optional[Sequence[Rule]] = None, iters: int = 1, factor_dtype=jnp.float16,
-             scale_dtype=None, max_samples: Optional[int] = 512, report: Optional[dict] = None) -> dict:
+             scale_dtype=None, max_samples: Optional[int] = 512, report: Optional[dict] = None,
+             progressive: bool = False) -> dict:
     """SVDQuant W{weight_bits}A{act_bits} of a float params tree.
 
     Args:
@@ -219,6 +230,8 @@ def svdquant(params: Mapping, stats: Mapping, *, roles: Mapping[str, str], rank:
       scale_dtype: storage dtype of the weight scales (None: float32; the paper: float16).
       max_samples: calibration tokens per layer used by the α search.
       report: if given, filled with ``path → {"alpha", "error"?, "rank"}``.
+      progressive: 4-bit weights of the full SVDQuant layers in the progressive group format
+        (:func:`svdquant_rules`; ``scale_dtype`` then applies to the weight-only layers only).
     Returns:
       A new params tree; SVDQuant layers are QLinears whose transform holds the smoothing
       vector and the low-rank factors.
@@ -227,7 +240,7 @@ def svdquant(params: Mapping, stats: Mapping, *, roles: Mapping[str, str], rank:
         raise ValueError("svdquant needs calibration statistics (per-channel 'absmax' of each layer's input)")
     if rules is None:
         rules = svdquant_rules(weight_bits=weight_bits, act_bits=act_bits, group_size=group_size,
-                               act_group_size=act_group_size)
+                               act_group_size=act_group_size, progressive=progressive)
     cfg_of = config_of(rules, roles)
 
     def convert(path, layer):
