@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_models import setup, time_step  # noqa: E402
+from bench.bench_models import emit, setup, time_step  # noqa: E402
 from jaxdq import backend  # noqa: E402
 from jaxdq.quant.layers import FloatLinear, QLinear, get_path, is_float_dict, set_path  # noqa: E402
 
@@ -231,13 +231,6 @@ def main():
         except Exception as e:  # pragma: no cover
             row["profile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     emit(row, args.out)
-
-
-def emit(row: dict, path: str) -> None:
-    """Print ``row`` and append it to the JSON-lines file ``path``."""
-    print(json.dumps(row), flush=True)
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

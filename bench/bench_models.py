@@ -171,8 +171,13 @@ def main():
                       + (" --smoke" if args.smoke else "")}
     if args.smoke:
         row["smoke"] = True
+    emit(row, args.out)
+
+
+def emit(row: dict, path: str) -> None:
+    """Print ``row`` and append it to the JSON-lines file ``path`` (every bench's row writer)."""
     print(json.dumps(row), flush=True)
-    with open(args.out, "a") as fh:
+    with open(path, "a") as fh:
         fh.write(json.dumps(row) + "\n")
 
 

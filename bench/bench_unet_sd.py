@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench_models import setup, time_step  # noqa: E402
+from bench.bench_models import emit, setup, time_step  # noqa: E402
 from jaxdq.backend import policy as make_policy  # noqa: E402
 from jaxdq.quant.layers import QConv, QLinear, iter_layers  # noqa: E402
 from jaxdq.quant.quantizer import QuantSpec  # noqa: E402
@@ -72,9 +72,7 @@ def main():
                       f"--batch {args.batch} --reps {args.reps} --out OUT" + (" --smoke" if args.smoke else "")}
     if args.smoke:
         row["smoke"] = True
-    print(json.dumps(row), flush=True)
-    with open(args.out, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    emit(row, args.out)
 
 
 if __name__ == "__main__":
