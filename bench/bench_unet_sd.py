@@ -14,7 +14,6 @@ One process per configuration (peak memory is per process)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
