@@ -10,8 +10,8 @@ linears that read it::
 
 * Under the reference policy, with float params, at ``init`` or while statistics are
   collected, ``norm_linear`` returns ``h`` itself, computed by the same ops the models
-  always used (``layer_norm(x, eps) * (1 + scale) + shift``): the models are unchanged bit
-  for bit (tests/data/norm_linear_fixture.npz holds the outputs from before this module).
+  always used (``layer_norm(x, eps) * (1 + scale) + shift``): the models are unchanged to float
+  rounding (tests/data/norm_linear_fixture.npz holds the outputs from before this module).
 * Under ``policy("kernels")`` (on a GPU, or interpreted) it returns a :class:`NormInput`:
   the named linears that the fused path takes have their outputs already computed — the
   fused kernel :func:`pallas_kernels.norm_quantize.norm_quantize` (norm → modulate with the

@@ -63,3 +63,27 @@ def weight_colsum(wq: jax.Array, *, packed: bool = False, kmajor: bool = False) 
     """
     w = unpack_int4_reference(wq) if packed else wq
     return jnp.sum(w.astype(jnp.int32), axis=1 if kmajor else 0).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------- in-kernel code math
+SCALE_FLOOR = 1e-8  # scale floor (as jaxdq.quant.quantizer)
+
+
+def round_half_even(v):
+    """``jnp.round`` (half to even) from floor (Pallas-Triton has no lowering for lax.round)."""
+    f = jnp.floor(v)
+    d = v - f
+    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return jnp.where(up, f + 1.0, f)
+
+
+def symmetric_scale(amax, qmax: float):
+    """Per-row (or per-group) symmetric scale ``max(absmax / qmax, SCALE_FLOOR)``, float32."""
+    return jnp.maximum(amax / qmax, SCALE_FLOOR)
+
+
+def symmetric_int_codes(v, qmax: int):
+    """``v = x / scale`` → int8 codes ``clip(round_half_even(v), −qmax − 1, qmax)``."""
+    return jnp.clip(round_half_even(v), -qmax - 1, qmax).astype(jnp.int8)
+

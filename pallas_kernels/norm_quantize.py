@@ -52,10 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pow2_divisor, sylvester_pm1, triton_compiler_params
-from pallas_kernels.quantize_act import _round_even, block_hadamard_reference
+from pallas_kernels._common import (SCALE_FLOOR, pow2_divisor, sylvester_pm1, symmetric_int_codes, symmetric_scale,
+                                     triton_compiler_params)
+from pallas_kernels.quantize_act import block_hadamard_reference
 
-_TINY = 1e-8  # scale floor (as jaxdq.quant.quantizer and quantize_act)
+_TINY = SCALE_FLOOR
 NORMS = ("layer", "rms")
 FMTS = ("int", "e4m3")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -234,7 +235,7 @@ def _kernel(*refs, k_total, bk, norm, eps, qmax, fmt, has_add, has_had, has_l1, 
         v = y / scale
         if fmt == "e4m3":
             return jnp.clip(v, -qmax, qmax).astype(q_ref.dtype)
-        return jnp.clip(_round_even(v), -qmax - 1, qmax).astype(jnp.int8)
+        return symmetric_int_codes(v, qmax)
 
     def down_proj(kk, y, acc):
         if has_l1:
@@ -272,7 +273,7 @@ def _kernel(*refs, k_total, bk, norm, eps, qmax, fmt, has_add, has_had, has_l1, 
             ys.append(y)
             amax = jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1, keepdims=True))
             acc = down_proj(kk, y, acc)
-        scale = jnp.maximum(amax / qmax, _TINY)
+        scale = symmetric_scale(amax, qmax)
         sc_ref[...] = scale
         if has_l1:
             xl1_ref[...] = acc.astype(xl1_ref.dtype)
@@ -304,7 +305,7 @@ def _kernel(*refs, k_total, bk, norm, eps, qmax, fmt, has_add, has_had, has_l1, 
         return jnp.maximum(amax, jnp.max(jnp.abs(y), axis=1, keepdims=True)), down_proj(kk, y, acc)
 
     amax, acc = jax.lax.fori_loop(0, nk, sweep_absmax, (zeros, jnp.zeros((bm, r), jnp.float32)))
-    scale = jnp.maximum(amax / qmax, _TINY)
+    scale = symmetric_scale(amax, qmax)
     sc_ref[...] = scale
     if has_l1:
         xl1_ref[...] = acc.astype(xl1_ref.dtype)

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pow2_divisor, sylvester_pm1, triton_compiler_params
+from pallas_kernels._common import (SCALE_FLOOR, pow2_divisor, round_half_even, sylvester_pm1, symmetric_int_codes,
+                                     symmetric_scale, triton_compiler_params)
 
-_TINY = 1e-8  # scale floor (as jaxdq.quant.quantizer)
+_TINY = SCALE_FLOOR
 
 
 # --------------------------------------------------------------------------- references
@@ -128,14 +129,6 @@ class QuantizeConfig:
     interpret: bool = False
 
 
-def _round_even(v):
-    """``jnp.round`` (half to even) from floor (Pallas-Triton has no lowering for lax.round)."""
-    f = jnp.floor(v)
-    d = v - f
-    odd = (f - 2.0 * jnp.floor(f * 0.5)) == 1.0
-    up = (d > 0.5) | ((d == 0.5) & odd)
-    return jnp.where(up, f + 1.0, f)
-
 
 # --------------------------------------------------------------------------- kernel
 def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_block, single_pass, grouped,
@@ -181,14 +174,14 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
     def qparams(st):
         """(scale, zero | None) as :func:`quantize_act_reference` computes them."""
         if symmetric:
-            return jnp.maximum(st[0] / qmax, _TINY), None
+            return symmetric_scale(st[0], qmax), None
         scale = jnp.maximum((st[1] - st[0]) / qmax, _TINY)
-        return scale, jnp.clip(_round_even(-st[0] / scale), 0.0, float(qmax))
+        return scale, jnp.clip(round_half_even(-st[0] / scale), 0.0, float(qmax))
 
     def encode(x, scale, zero):
         if symmetric:
-            return jnp.clip(_round_even(divide(x, scale)), -qmax - 1, qmax).astype(jnp.int8)
-        return (jnp.clip(_round_even(divide(x, scale)) + zero, 0.0, float(qmax)) - half).astype(jnp.int8)
+            return symmetric_int_codes(divide(x, scale), qmax)
+        return (jnp.clip(round_half_even(divide(x, scale)) + zero, 0.0, float(qmax)) - half).astype(jnp.int8)
 
     def down_proj(kk, x, acc):
         if has_l1:
@@ -205,7 +198,7 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
     if grouped:  # one scale per (row, bk-chunk): a single sweep
         def chunk(kk, acc):
             x = load(kk)
-            scale = jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True) / qmax, _TINY)
+            scale = symmetric_scale(jnp.max(jnp.abs(x), axis=1, keepdims=True), qmax)
             sc_ref[:, pl.ds(kk, 1)] = scale
             q_ref[:, pl.ds(kk * bk, bk)] = encode(x, scale, None)
             return down_proj(kk, x, acc)

@@ -3,7 +3,7 @@
 Shared by ``tests/test_norm_quantize.py`` and ``tests/data/make_norm_linear_fixture.py``
 (which wrote ``tests/data/norm_linear_fixture.npz`` from the model code *before* the
 models called :func:`jaxdq.norm_linear.norm_linear`, so the reference policy is checked
-bit for bit against the pre-change outputs).  Only long-standing APIs are used here
+against the pre-change outputs to float rounding).  Only long-standing APIs are used here
 (module constructors, ``init``-free random params from NumPy, the recipes' transforms),
 so the generator runs on either side of the change.
 

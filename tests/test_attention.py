@@ -88,12 +88,12 @@ def test_model_config_selects_attention():
     mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
     cases = [(DiT, dcfg, init_dit, (x, t, jnp.asarray([1, 3]))), (PixArt, pcfg, init_pixart, (x, t, ctx, mask))]
     for model, cfg, init, args in cases:
-        params = init(cfg, jax.random.PRNGKey(1))  # adaLN-zero init outputs 0: redraw every leaf
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-        params = tree.unflatten([0.1 * jax.random.normal(kk, a.shape) for kk, a in zip(keys, leaves)])
-        want = model(cfg).apply({"params": params}, *args)
-        got = model(dataclasses.replace(cfg, attention="xla")).apply({"params": params}, *args)
+        # adaLN-zero init outputs 0: every leaf redrawn (from the shapes alone, nothing compiled)
+        leaves, tree = jax.tree_util.tree_flatten(jax.eval_shape(lambda: init(cfg, jax.random.PRNGKey(1))))
+        draw = np.random.default_rng(2)
+        params = tree.unflatten([jnp.asarray(0.1 * draw.normal(size=a.shape), jnp.float32) for a in leaves])
+        want = jax.jit(model(cfg).apply)({"params": params}, *args)  # jitted: one compile, not one per op
+        got = jax.jit(model(dataclasses.replace(cfg, attention="xla")).apply)({"params": params}, *args)
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
         # ... and the config really reaches every attention: float32 logits only on the reference path
         logits = {DiT: ["f32[2,6,4,4]"], PixArt: ["f32[2,4,16,16]", "f32[2,4,16,6]"]}[model]
@@ -104,6 +104,6 @@ def test_model_config_selects_attention():
             assert all((shape in jaxpr) == (impl == "float32") for shape in logits), impl
         # bf16 activations through the jax.nn path stay close to the float32 model
         argsb = tuple(a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a for a in args)
-        gotb = model(dataclasses.replace(cfg, attention="xla")).apply({"params": pb}, *argsb)
+        gotb = jax.jit(model(dataclasses.replace(cfg, attention="xla")).apply)({"params": pb}, *argsb)
         rel = np.linalg.norm(np.asarray(gotb, np.float64) - np.asarray(want)) / np.linalg.norm(np.asarray(want))
         assert rel < 5e-2, (model.__name__, rel)

@@ -128,6 +128,7 @@ def test_split_shortcut_has_a_range_per_half_and_both_paths_agree():
 
 def test_unet_rtn_quantizes_every_conv_but_first_and_last_and_runs_integer():
     from jaxdq.models.sources import load_model
+    from jaxdq.quant.recipes import Context, ptq_cfg, rtn_params
     from jaxdq.quantize import quantize_model
     from jaxdq.sampling.families import Request
 
@@ -141,15 +142,17 @@ def test_unet_rtn_quantizes_every_conv_but_first_and_last_and_runs_integer():
     convs = {p: l for p, l in layers.items() if isinstance(l, (QConv, FloatConv))}
     assert isinstance(convs.pop("conv_in"), FloatConv) and isinstance(convs.pop("conv_out"), FloatConv)
     assert convs and all(isinstance(l, QConv) and l.act is not None for l in convs.values())
-    # up-block concatenations are split (one range per half) for qdiffusion's shortcut splitting
-    mq = quantize_model(model, "qdiffusion-w8a8@iters=0@per_step=1", calib=calib, progress=False)
-    splits = [p for p, l in iter_layers(mq.params) if isinstance(l, QConv) and l.act.split is not None]
+    # up-block concatenations are split (one range per half) for Q-Diffusion's shortcut splitting
+    # (the round-to-nearest step of qdiffusion-*/tfmq-dm-*; test_tfmq checks the recipe sets it)
+    mq = rtn_params(model.params, Context(roles=model.roles, calib=calib), ptq_cfg(8, 8), split=True)
+    splits = [p for p, l in iter_layers(mq) if isinstance(l, QConv) and l.act.split is not None]
     assert splits and all(p.startswith("up_blocks") for p in splits)
+    assert not any(l.act.split is not None for l in convs.values())  # rtn-w8a8: one range per input
     # the integer policy runs the quantized network and matches the reference to rounding
     b = model.family.batch(model.config, Request(classes=(3,), per_class=2, seed=0))
     t = jnp.full((2,), 500, jnp.int32)
-    ref_net = model.family.eps_fn(model.config)
-    int_net = model.family.eps_fn(model.config, backend.policy("integer"))
+    ref_net = jax.jit(model.family.eps_fn(model.config))  # jitted: one compile, not one per op
+    int_net = jax.jit(model.family.eps_fn(model.config, backend.policy("integer")))
     ref = np.asarray(ref_net(m.params, b.x_T, t, **b.cond))
     got = np.asarray(int_net(m.params, b.x_T, t, **b.cond))
     flt = np.asarray(ref_net(model.params, b.x_T, t, **b.cond))

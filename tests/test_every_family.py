@@ -31,6 +31,10 @@ RECON = "@iters=2@per_step=1@steps_per_call=2"
 RECIPES = ("naive-pertensor-w8a8", "per-step-static-w8a8", "rtn-w8a8", "qdiffusion-w8a8" + RECON,
            "tfmq-dm-w4a8" + RECON, "smoothquant-w8a8", "vidit-q-w8a8", "vidit-q-mp", "svdquant")
 FAST = ["--calib-per-class", "1", "--calib-steps", "3"]
+#: On the UNet, tfmq-dm runs all of qdiffusion's path (BRECQ + AdaRound, shortcut splitting)
+#: and TIAR/FSC besides, so qdiffusion adds no path there and is left out (the suite's time;
+#: its table on the default UNet: bench/results/compare_default_unet_h200.json).
+SKIP = {"unet": {RECIPES[3]}}
 
 
 def _model(family):
@@ -91,7 +95,7 @@ def test_every_calibrating_recipe_quantizes_and_samples(family, tmp_path, capsys
         assert any(r == "cross-attn:kv" for r in roles.values())
     stats = str(tmp_path / "calib.npz")  # one calibration serves every recipe (what each needs is checked)
     assert main(["calibrate", "--model", ckpt, "--out", stats, *FAST]) == 0
-    for method in RECIPES:
+    for method in (m for m in RECIPES if m not in SKIP.get(family, ())):
         out = str(tmp_path / method)
         assert main(["quantize", "--method", method, "--model", ckpt, "--out", out, "--calib", stats]) == 0, method
         q = load_model(out)

@@ -12,7 +12,7 @@ from jaxdq.calibrate.blocks import calibration_set
 from jaxdq.models.sources import load_model, save_model
 from jaxdq.quant import reconstruct as R
 from jaxdq.quant import tfmq
-from jaxdq.quant.layers import QLinear, get_path
+from jaxdq.quant.layers import QConv, QLinear, get_path, iter_layers
 from jaxdq.quant.quantizer import QuantSpec
 from jaxdq.quant.recipes import Context, ptq_cfg, rtn_params
 from jaxdq.quant.timestep import at_timestep
@@ -54,6 +54,7 @@ def test_the_temporal_information_block_has_zero_derivative_wrt_x_t(setup):
     call = data.take(np.arange(2))
     for params in (model.params, rtn_params(model.params, Context(roles=model.roles, calib=setup[1]),
                                             ptq_cfg(4, 8))):
+        @jax.jit  # one compile, not one per op
         def feats(x):
             rec = _captured(net, params, x, call["t"], call["cond"], set(outs))
             return jnp.concatenate([rec[p].reshape(x.shape[0], -1) for p in outs], -1)
@@ -66,8 +67,8 @@ def test_the_temporal_information_block_has_zero_derivative_wrt_x_t(setup):
         np.testing.assert_allclose(np.concatenate([zero[p] for p in outs], -1), np.asarray(f), rtol=1e-6,
                                    atol=1e-6)
     # a layer that does see x_t has a non-zero derivative (the check can fail)
-    (g_x,) = jax.vjp(lambda x: _captured(net, model.params, x, call["t"], call["cond"],
-                                         {"down_blocks_0/resnets_0/conv1"})["down_blocks_0/resnets_0/conv1"],
+    (g_x,) = jax.vjp(jax.jit(lambda x: _captured(net, model.params, x, call["t"], call["cond"],
+                                                 {"down_blocks_0/resnets_0/conv1"})["down_blocks_0/resnets_0/conv1"]),
                      call["x"])[1](jnp.ones((2, 16, 16, 32)))
     assert float(jnp.abs(g_x).max()) > 0
 
@@ -138,6 +139,8 @@ def test_tfmq_recipe_round_trips_through_the_checkpoint(setup, tmp_path):
     m = quantize_model(model, method, calib=calib, progress=False)
     rep = m.metadata["report"]
     assert {"tiar", "block_reconstruction", "fsc", "total"} <= set(rep["seconds"])
+    splits = [p for p, l in iter_layers(m.params) if isinstance(l, QConv) and l.act.split is not None]
+    assert splits and all(p.startswith("up_blocks") for p in splits)  # Q-Diffusion's shortcut splitting
     node = get_path(m.params, "time_embedding/linear_2")
     assert isinstance(node, QLinear) and node.act.t is not None and node.weight.spec.bits == 4
     back = load_model(save_model(str(tmp_path / "tfmq"), m))

@@ -192,23 +192,37 @@ def quantize_params(params: Params, rules: Sequence[Rule], *, roles: Mapping[str
       roles: path → role tag (the model's ``layer_roles``).
       stats: pooled calibration statistics with the params' layer paths (static rules).
     """
+    def needs(cfg):
+        if cfg.act_static:
+            return "static activations"
+        return "a weight search on calibration tokens" if getattr(cfg.weight, "needs_samples", False) else None
+
+    return _quantize_selected(params, rules, roles, stats, FloatLinear, "layer", needs, quantize_linear)
+
+
+def _quantize_selected(params: Params, rules: Sequence[Rule], roles: Mapping[str, str], stats: Optional[Mapping],
+                       kind: type, noun: str, needs: Callable[[Any], Optional[str]],
+                       quantize: Callable[[Any, Any, Optional[Mapping]], Any]) -> dict:
+    """The loop of :func:`quantize_params` / :func:`quantize_conv_params`: every ``kind``
+    layer whose first matching rule has a config becomes ``quantize(layer, cfg, its stats)``;
+    ``needs(cfg)`` says what the config needs calibration statistics for (None: nothing)."""
     cfg_of = config_of(rules, roles)
 
     def convert(path, layer):
         cfg = cfg_of(path)
-        if cfg is None or not isinstance(layer, FloatLinear):
+        if cfg is None or not isinstance(layer, kind):
             return layer
         layer_stats = None
-        if cfg.act_static or getattr(cfg.weight, "needs_samples", False):
+        why = needs(cfg)
+        if why:
             if stats is None:
-                what = "static activations" if cfg.act_static else "a weight search on calibration tokens"
-                raise ValueError(f"layer {path!r} is quantized with {what} but no calibration "
+                raise ValueError(f"{noun} {path!r} is quantized with {why} but no calibration "
                                  "statistics were given")
             layer_stats = get_path(stats, path)
         try:
-            return quantize_linear(layer, cfg, layer_stats)
+            return quantize(layer, cfg, layer_stats)
         except ValueError as e:
-            raise ValueError(f"layer {path!r}: {e}") from None
+            raise ValueError(f"{noun} {path!r}: {e}") from None
 
     return map_layers(params, convert)
 
@@ -307,21 +321,7 @@ def quantize_conv_params(params: Params, rules: Sequence[Rule], *, roles: Mappin
     """Quantize every float conv a rule selects (first match wins; unmatched stay float):
     :func:`quantize_conv` with each layer's statistics from ``stats`` (pooled, or per step
     with ``t``); ``split``: shortcut splitting where the model recorded a concatenation."""
-    cfg_of = config_of(rules, roles)
-
-    def convert(path, layer):
-        cfg = cfg_of(path)
-        if cfg is None or not isinstance(layer, FloatConv):
-            return layer
-        layer_stats = None
-        if cfg.act is not None and cfg.act_static:
-            if stats is None:
-                raise ValueError(f"conv {path!r} is quantized with static activations but no calibration "
-                                 "statistics were given")
-            layer_stats = get_path(stats, path)
-        try:
-            return quantize_conv(layer, cfg, layer_stats, split=split, t=t)
-        except ValueError as e:
-            raise ValueError(f"conv {path!r}: {e}") from None
-
-    return map_layers(params, convert)
+    return _quantize_selected(
+        params, rules, roles, stats, FloatConv, "conv",
+        lambda cfg: "static activations" if cfg.act is not None and cfg.act_static else None,
+        lambda layer, cfg, layer_stats: quantize_conv(layer, cfg, layer_stats, split=split, t=t))

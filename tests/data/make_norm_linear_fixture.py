@@ -2,7 +2,7 @@
 DiT / PixArt / FLUX models of ``tests/norm_linear_cases.py`` (float and every quantized
 variant; float and W8A8 with bf16 activations too), computed by the model code as it was
 before the models called ``jaxdq.norm_linear.norm_linear`` (issue 19, item 1).
-``tests/test_norm_quantize.py`` checks the current code reproduces them exactly.
+``tests/test_norm_quantize.py`` checks the current code reproduces them to float32 / bf16 rounding.
 
 Written 2026-12-02 with ``jaxdq/models/{dit,pixart,flux}.py`` of commit 36c3439 (the files
 before the change) over the working tree of that day: a copy of the tree with those three
