@@ -6,6 +6,9 @@
 * :func:`triton_compiler_params`: Pallas-Triton ``CompilerParams`` (None if this jax has none).
 * :func:`unpack_int4_reference`, :func:`weight_colsum`: the int4 packing both GEMMs read
   and the zero-point correction's ``colsum(W)``.
+* :func:`tiled_gemm_call`: the Triton GEMMs' launch (one program per ``[bm, bn]`` output tile).
+* :func:`round_half_even`, :func:`symmetric_scale`, :func:`symmetric_int_codes`: the code math
+  the quantize kernels run in registers.
 
 This package imports nothing from ``jaxdq`` (tests/test_import_graph.py checks it).
 """
@@ -86,4 +89,18 @@ def symmetric_scale(amax, qmax: float):
 def symmetric_int_codes(v, qmax: int):
     """``v = x / scale`` → int8 codes ``clip(round_half_even(v), −qmax − 1, qmax)``."""
     return jnp.clip(round_half_even(v), -qmax - 1, qmax).astype(jnp.int8)
+
+
+def tiled_gemm_call(kern, args, in_specs, *, m: int, n: int, bm: int, bn: int, out_dtype, config, name: str):
+    """``pallas_call`` of a GEMM kernel over the ``(m / bm, n / bn)`` output tiles: ``[m, n]``
+    ``out_dtype`` out, one ``[bm, bn]`` block per program; ``config`` gives ``interpret``,
+    ``num_warps``, ``num_stages``."""
+    from jax.experimental import pallas as pl
+
+    return pl.pallas_call(
+        kern, grid=(m // bm, n // bn), in_specs=in_specs,
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=config.interpret,
+        compiler_params=None if config.interpret else triton_compiler_params(config.num_warps, config.num_stages),
+        name=name)(*args)
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pow2_divisor, triton_compiler_params, unpack_int4_reference, weight_colsum
+from pallas_kernels._common import pow2_divisor, tiled_gemm_call, unpack_int4_reference, weight_colsum
 
 __all__ = ["GemmConfig", "int_gemm", "int_gemm_reference", "unpack_int4_reference", "weight_colsum"]
 
@@ -245,9 +245,5 @@ def int_gemm(xq, wq, sx, sw, *, bias=None, xa=None, l2=None, residual=None, gate
     kern = functools.partial(_gemm_kernel, k_total=k, bk=bk, packed=packed, kmajor=w_kmajor,
                              grouped=grouped, has_zero=x_zero is not None, has_bias=bias is not None, has_lr=xa is not None,
                              has_gate=gate is not None, has_res=residual is not None)
-    return pl.pallas_call(
-        kern, grid=(m // block_m, n // block_n), in_specs=specs,
-        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=config.interpret,
-        compiler_params=None if config.interpret else triton_compiler_params(config.num_warps, config.num_stages),
-        name="jaxdq_int_gemm")(*args)
+    return tiled_gemm_call(kern, args, specs, m=m, n=n, bm=block_m, bn=block_n, out_dtype=out_dtype, config=config,
+                           name="jaxdq_int_gemm")

@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import pow2_divisor, triton_compiler_params
+from pallas_kernels._common import pow2_divisor, tiled_gemm_call
 
 __all__ = ["TwinLogGemmConfig", "twinlog_gemm", "twinlog_gemm_config", "twinlog_gemm_reference",
            "decode_twinlog_reference", "kernel_table", "DECODE_REL_ERROR"]
@@ -196,9 +196,5 @@ def twinlog_gemm(xq: jax.Array, sx: jax.Array, wq: jax.Array, step: jax.Array, o
         args.append(bias.reshape(1, n).astype(jnp.float32))
         specs.append(pl.BlockSpec((1, bn), lambda i, j: (0, j)))
     kern = functools.partial(_kernel, k_total=k, bk=bk, has_bias=bias is not None)
-    return pl.pallas_call(
-        kern, grid=(m // bm, n // bn), in_specs=specs,
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), interpret=config.interpret,
-        compiler_params=None if config.interpret else triton_compiler_params(config.num_warps, config.num_stages),
-        name="jaxdq_twinlog_gemm")(*args)
+    return tiled_gemm_call(kern, args, specs, m=m, n=n, bm=bm, bn=bn, out_dtype=out_dtype, config=config,
+                           name="jaxdq_twinlog_gemm")

@@ -211,7 +211,6 @@ FUSED_CASES = {
 
 @pytest.mark.parametrize("case", list(FUSED_CASES))
 def test_kernel_policy_runs_the_fused_path(case, fused_calls, monkeypatch):
-    import jaxdq.norm_linear as nl
     from jaxdq import backend
 
     model, variant, groups, tol = FUSED_CASES[case]
