@@ -54,11 +54,28 @@ def merge(methods: list[str], results: list[dict]) -> dict:
     return {"settings": first["settings"], "results": [rows[m] for m in order if m in rows], "notes": notes}
 
 
+MISSING = "no row (chunk failed or timed out): "
+
+
+def _still_missing(notes: list[str], have: set[str]) -> list[str]:
+    """The notes with the methods that now have a row dropped from each "no row" note (and a
+    note that lists none any more dropped)."""
+    out = []
+    for n in notes:
+        if n.startswith(MISSING):
+            left = [m for m in n[len(MISSING):].split(", ") if m not in have]
+            if not left:
+                continue
+            n = MISSING + ", ".join(left)
+        out.append(n)
+    return out
+
+
 def merge_into(base_path: str, extra_path: str) -> dict:
     """Add the method rows of ``extra_path`` (a ``compare.json`` from another run) to
     ``base_path`` in place, only when both runs have the same settings and the same float row
     (same model, seeds, noise, steps and calibration: the rows compare); the added rows' command
-    goes to ``added_rows``.  ValueError otherwise."""
+    goes to ``added_rows``, and the "no row" notes no longer list them.  ValueError otherwise."""
     base, extra = json.load(open(base_path)), json.load(open(extra_path))
     if base["settings"] != extra["settings"]:
         diff = {k: (base["settings"].get(k), extra["settings"].get(k))
@@ -71,7 +88,8 @@ def merge_into(base_path: str, extra_path: str) -> dict:
     have = {r["method"] for r in base["results"]}
     new = [r for r in extra["results"][1:] if r["method"] not in have]
     base["results"] += new
-    base["notes"] = base.get("notes", []) + [n for n in extra.get("notes", []) if n not in base.get("notes", [])]
+    notes = base.get("notes", []) + [n for n in extra.get("notes", []) if n not in base.get("notes", [])]
+    base["notes"] = _still_missing(notes, {r["method"] for r in base["results"]})
     base.setdefault("added_rows", []).append({"methods": [r["method"] for r in new],
                                               "command": extra.get("command", "")})
     with open(base_path, "w") as f:
@@ -142,7 +160,7 @@ def main(argv=None) -> int:
     merged["chunks"] = chunks
     missing = [m for m in methods if m not in {r["method"] for r in merged["results"]}]
     if missing:
-        merged["notes"].append(f"no row (chunk failed or timed out): {', '.join(missing)}")
+        merged["notes"].append(MISSING + ", ".join(missing))
     from jaxdq.compare import markdown_table
 
     with open(os.path.join(args.out, "compare.json"), "w") as f:

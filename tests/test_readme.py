@@ -96,7 +96,8 @@ def test_rows_of_a_later_run_join_a_table_only_when_they_compare(tmp_path):
 
     settings = {"model": "default", "seeds": [0, 1, 2], "steps": 25}
     flt = {"method": "float", "per_seed": {"fd_vs_data": [1.0, 2.0, 3.0]}}
-    base = {"settings": settings, "results": [flt, {"method": "a"}], "notes": ["n1"], "command": "c0"}
+    base = {"settings": settings, "results": [flt, {"method": "a"}],
+            "notes": ["n1", compare_chunks.MISSING + "b, c", compare_chunks.MISSING + "b"], "command": "c0"}
     extra = {"settings": settings, "results": [flt, {"method": "a"}, {"method": "b"}], "notes": ["n2"],
              "command": "c1"}
     bp, ep = tmp_path / "base.json", tmp_path / "extra.json"
@@ -104,7 +105,8 @@ def test_rows_of_a_later_run_join_a_table_only_when_they_compare(tmp_path):
     ep.write_text(json.dumps(extra))
     merged = compare_chunks.merge_into(str(bp), str(ep))
     assert [r["method"] for r in merged["results"]] == ["float", "a", "b"]  # "a" kept from the base
-    assert merged["added_rows"] == [{"methods": ["b"], "command": "c1"}] and merged["notes"] == ["n1", "n2"]
+    assert merged["added_rows"] == [{"methods": ["b"], "command": "c1"}]
+    assert merged["notes"] == ["n1", compare_chunks.MISSING + "c", "n2"]  # "b" has its row now
     assert json.loads(bp.read_text()) == merged
     for bad in ({"settings": dict(settings, steps=50)},
                 {"results": [{"method": "float", "per_seed": {"fd_vs_data": [1.0, 2.0, 9.0]}}, {"method": "c"}]}):
