@@ -34,15 +34,3 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if getattr(config, "_jaxdq_jit_cache_owner", False):
         shutil.rmtree(os.environ.pop(_ENV), ignore_errors=True)
-
-
-#: The modules whose tests take a minute or more each (the --durations of a full run); they are
-#: handed to the xdist workers first, so that no worker starts one while the other has run out
-#: of tests (longest first keeps the run's tail short).
-SLOW_FIRST = ("test_every_family.py", "test_tfmq.py", "test_distributed.py", "test_conv_quant.py",
-              "test_mixed_precision_metrics.py", "test_vidit_q.py", "test_lrq_dit_family.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
