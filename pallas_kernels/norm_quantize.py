@@ -56,7 +56,6 @@ from pallas_kernels._common import (SCALE_FLOOR, pow2_divisor, sylvester_pm1, sy
                                      triton_compiler_params)
 from pallas_kernels.quantize_act import block_hadamard_reference
 
-_TINY = SCALE_FLOOR
 NORMS = ("layer", "rms")
 FMTS = ("int", "e4m3")
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
@@ -142,7 +141,7 @@ def norm_quantize_reference(x: jax.Array, mul: jax.Array, add: Optional[jax.Arra
         y = block_hadamard_reference(y, had_block)
     xl1 = None if l1 is None else jnp.dot(y, l1.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     qmax = qmax_of(bits, fmt)
-    scale = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True) / qmax, _TINY)
+    scale = jnp.maximum(jnp.max(jnp.abs(y), axis=-1, keepdims=True) / qmax, SCALE_FLOOR)
     if fmt == "e4m3":
         codes = jnp.clip(y / scale, -qmax, qmax).astype(jnp.float8_e4m3fn)
     else:

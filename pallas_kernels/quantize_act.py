@@ -31,7 +31,6 @@ from jax.experimental import pallas as pl
 from pallas_kernels._common import (SCALE_FLOOR, pow2_divisor, round_half_even, sylvester_pm1, symmetric_int_codes,
                                      symmetric_scale, triton_compiler_params)
 
-_TINY = SCALE_FLOOR
 
 
 # --------------------------------------------------------------------------- references
@@ -93,7 +92,7 @@ def quantize_act_reference(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.
         umax = 2 ** bits - 1
         lo = jnp.minimum(jnp.min(xt, axis=-1, keepdims=True), 0.0)
         hi = jnp.maximum(jnp.max(xt, axis=-1, keepdims=True), 0.0)
-        scale = jnp.maximum((hi - lo) / umax, _TINY)
+        scale = jnp.maximum((hi - lo) / umax, SCALE_FLOOR)
         zero = jnp.clip(jnp.round(-lo / scale), 0, umax)
         u = jnp.clip(jnp.round(xt / scale) + zero, 0, umax)
         half = 2 ** (bits - 1)
@@ -102,7 +101,7 @@ def quantize_act_reference(x: jax.Array, *, bits: int = 8, smooth: Optional[jax.
     m, k = xt.shape
     g = group_size or k
     xg = xt.reshape(m, k // g, g)
-    scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax, _TINY)
+    scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True) / qmax, SCALE_FLOOR)
     codes = jnp.clip(jnp.round(xg / scale), -qmax - 1, qmax).astype(jnp.int8).reshape(m, k)
     return codes, scale[..., 0], xl1
 
@@ -175,7 +174,7 @@ def _quant_kernel(*refs, k_total, bk, qmax, has_smooth, has_had, has_l1, had_blo
         """(scale, zero | None) as :func:`quantize_act_reference` computes them."""
         if symmetric:
             return symmetric_scale(st[0], qmax), None
-        scale = jnp.maximum((st[1] - st[0]) / qmax, _TINY)
+        scale = jnp.maximum((st[1] - st[0]) / qmax, SCALE_FLOOR)
         return scale, jnp.clip(round_half_even(-st[0] / scale), 0.0, float(qmax))
 
     def encode(x, scale, zero):
