@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import quiet_gpu  # noqa: E402
 from bench.bench_models import emit, setup, time_step  # noqa: E402
 from jaxdq import backend  # noqa: E402
 from jaxdq.quant.layers import FloatLinear, QLinear, get_path, is_float_dict, set_path  # noqa: E402
@@ -173,7 +174,9 @@ def main():
                     help="Policy.small_m: rows up to which a layer takes XLA's integer path (default 64)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script: the model family at a tiny width and depth, kernels interpreted")
+    quiet_gpu.add_arguments(ap)
     args = ap.parse_args()
+    quiet = quiet_gpu.from_args(args)
     pol = method_policy(args.method, small_m=args.small_m_xla, interpret=args.smoke)
 
     t0 = time.time()
@@ -198,7 +201,7 @@ def main():
         return emit(dict(row, smoke=True) if args.smoke else row, args.out)
     f = jax.jit(step)
     t = jnp.full((1,), 500, jnp.int32)
-    out, compile_s, times, peak = time_step(f, params, x, t, args.reps)
+    out, compile_s, times, peak = time_step(f, params, x, t, args.reps, quiet)
     print(f"compiled in {compile_s:.1f} s, step {1e3 * float(np.median(times)):.3f} ms", file=sys.stderr, flush=True)
     row = {"model": args.model, "method": args.method, "attention": args.attention,
            "step_ms_median": round(1e3 * float(np.median(times)), 3),
@@ -211,6 +214,8 @@ def main():
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
                       + f" --attention {args.attention}" + (" --profile" if args.profile else "")
                       + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}") + smoke}
+    if quiet.report is not None:
+        row["quiet_gpu"] = quiet.report
     if args.smoke:
         row["smoke"] = True
     if args.profile:

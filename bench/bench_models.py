@@ -18,6 +18,7 @@ a tiny width and depth (CPU check of this script; what it measures means nothing
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -131,17 +132,20 @@ def setup(name: str, batch: int, make_params=random_params, attention: str = "fl
     raise ValueError(f"unknown model {name}")
 
 
-def time_step(f, params, x, t, reps):
-    """Compile + run the jitted step once, then ``reps`` timed calls.
+def time_step(f, params, x, t, reps, quiet=None):
+    """Compile + run the jitted step once, then ``reps`` timed calls (inside
+    ``quiet.timing()`` when a :class:`bench.quiet_gpu.QuietGPU` is given: the GPU shared by
+    parallel benchmark processes, the timing alone on it).
     Returns ``(out, compile_s, times_s, peak_device_bytes)``."""
     t0 = time.time()
     out = jax.block_until_ready(f(params, x, t))
     compile_s = time.time() - t0
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params, x, t))
-        times.append(time.perf_counter() - t0)
+    with quiet.timing() if quiet is not None else contextlib.nullcontext():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, x, t))
+            times.append(time.perf_counter() - t0)
     stats = jax.devices()[0].memory_stats() or {}
     return out, compile_s, times, stats.get("peak_bytes_in_use")
 

@@ -6,7 +6,9 @@ Modes (``--mode``, one per process so the peak memory is that configuration's):
   eager           the module as it is;
   compile         ``torch.compile`` (default mode);
   compile-cg      ``torch.compile(mode="reduce-overhead")`` (CUDA graphs);
-  torchao-int8    torchao ``Int8DynamicActivationInt8WeightConfig`` on every ``nn.Linear``, compiled;
+  torchao-int8    torchao ``Int8DynamicActivationInt8WeightConfig`` on the ``nn.Linear`` layers of the
+                  transformer blocks (what jaxdq's W8A8 quantizes; torchao's int8 matmul needs more
+                  than 16 rows, and the timestep / caption embedders see the 2 CFG rows), compiled;
   torchao-fp8     torchao ``Float8DynamicActivationFloat8WeightConfig``, compiled.
 
 A mode that fails (torchao missing, a compile error, torchao's int8 on M = 1 rows) is a row with
@@ -21,12 +23,17 @@ is a row with ``out_finite: false``: recorded, not hidden.  JSON lines out, the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import quiet_gpu  # noqa: E402
 
 MODELS = ("dit-xl2-256", "pixart-sigma-1024", "flux1-dev-1024")
 MODES = ("eager", "compile", "compile-cg", "torchao-int8", "torchao-fp8")
@@ -96,33 +103,39 @@ def prepare(m, mode: str):
         from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
                                           Int8DynamicActivationInt8WeightConfig, quantize_)
 
-        quantize_(m, Int8DynamicActivationInt8WeightConfig() if mode == "torchao-int8"
-                  else Float8DynamicActivationFloat8WeightConfig())
+        if mode == "torchao-int8":
+            quantize_(m, Int8DynamicActivationInt8WeightConfig(),
+                      filter_fn=lambda mod, fqn: isinstance(mod, torch.nn.Linear) and "blocks." in fqn)
+        else:
+            quantize_(m, Float8DynamicActivationFloat8WeightConfig())
     if mode == "eager":
         return m
     return torch.compile(m, mode="reduce-overhead" if mode == "compile-cg" else None)
 
 
-def time_calls(f, kw, reps: int, warmup: int, cuda: bool) -> tuple[list, object]:
-    """Per-call seconds after ``warmup`` calls (CUDA events on the GPU, wall time on the CPU)."""
+def time_calls(f, kw, reps: int, warmup: int, cuda: bool, quiet=None) -> tuple[list, object]:
+    """Per-call seconds after ``warmup`` calls (CUDA events on the GPU, wall time on the CPU);
+    the timed calls inside ``quiet.timing()`` when a :class:`bench.quiet_gpu.QuietGPU` is given
+    (compiles in parallel with other benchmark processes, times alone on the GPU)."""
     with torch.inference_mode():
         for _ in range(warmup):
             out = f(**kw, return_dict=False)[0]
         if cuda:
             torch.cuda.synchronize()
         times = []
-        for _ in range(reps):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                out = f(**kw, return_dict=False)[0]
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                out = f(**kw, return_dict=False)[0]
-                times.append(time.perf_counter() - t0)
+        with quiet.timing() if quiet is not None else contextlib.nullcontext():
+            for _ in range(reps):
+                if cuda:
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    out = f(**kw, return_dict=False)[0]
+                    b.record()
+                    b.synchronize()
+                    times.append(a.elapsed_time(b) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    out = f(**kw, return_dict=False)[0]
+                    times.append(time.perf_counter() - t0)
     return times, out
 
 
@@ -134,7 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny configs, float32")
+    quiet_gpu.add_arguments(ap)
     a = ap.parse_args(argv)
+    quiet = quiet_gpu.from_args(a)
     cuda = torch.cuda.is_available() and not a.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     row = {"model": a.model, "mode": a.mode, "framework": "pytorch", "torch": torch.__version__,
@@ -152,7 +167,7 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        times, out = time_calls(f, kw, a.reps, a.warmup, cuda)
+        times, out = time_calls(f, kw, a.reps, a.warmup, cuda, quiet)
         row.update(step_ms_median=round(1e3 * statistics.median(times), 3), step_ms_min=round(1e3 * min(times), 3),
                    warmup_and_timing_s=round(time.time() - t0, 1), out_finite=bool(torch.isfinite(out).all()),
                    weight_bytes=int(sum(p.numel() * p.element_size() for p in m.parameters())))
@@ -160,6 +175,8 @@ def main(argv=None) -> int:
             row["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
     except Exception as e:  # recorded, not hidden: torchao missing, compile errors, M = 1 int8 rows
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    if quiet.report is not None:
+        row["quiet_gpu"] = quiet.report
     if a.smoke:
         row["smoke"] = True
     print(json.dumps(row), flush=True)

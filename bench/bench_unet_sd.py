@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import quiet_gpu  # noqa: E402
 from bench.bench_models import emit, setup, time_step  # noqa: E402
 from jaxdq.backend import policy as make_policy  # noqa: E402
 from jaxdq.quant.layers import QConv, QLinear, iter_layers  # noqa: E402
@@ -47,7 +48,9 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     ap.add_argument("--smoke", action="store_true", help="CPU check: a tiny UNet of the same layout")
+    quiet_gpu.add_arguments(ap)
     args = ap.parse_args()
+    quiet = quiet_gpu.from_args(args)
     pol = make_policy("reference" if args.quant == "bf16" else args.policy)
     t0 = time.time()
     params, step, x, roles = setup("sd15-unet-512", args.batch, policy=pol, tiny=args.smoke)
@@ -60,7 +63,7 @@ def main():
     n_qlin = sum(isinstance(l, QLinear) for l in layers.values())
     wbytes = int(sum(l.size * l.dtype.itemsize for l in jax.tree_util.tree_leaves(params)))
     t = jnp.full((args.batch,), 500, jnp.int32)
-    out, compile_s, times, peak = time_step(jax.jit(step), params, x, t, args.reps)
+    out, compile_s, times, peak = time_step(jax.jit(step), params, x, t, args.reps, quiet)
     row = {"model": "sd15-unet-512", "quant": args.quant, "policy": pol.mode, "batch_images": args.batch,
            "step_ms_median": round(1e3 * float(np.median(times)), 3), "step_ms_min": round(1e3 * min(times), 3),
            "compile_s": round(compile_s, 1), "build_s": round(build, 1), "weight_bytes": wbytes,
@@ -69,6 +72,8 @@ def main():
            "reps": args.reps,
            "command": f"python bench/bench_unet_sd.py --quant {args.quant} --policy {args.policy} "
                       f"--batch {args.batch} --reps {args.reps} --out OUT" + (" --smoke" if args.smoke else "")}
+    if quiet.report is not None:
+        row["quiet_gpu"] = quiet.report
     if args.smoke:
         row["smoke"] = True
     emit(row, args.out)

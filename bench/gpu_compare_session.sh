@@ -114,36 +114,48 @@ ONLY=${ONLY:-"default default-text default-video default_lrq default-text_lrq de
 CH=${CHUNKS:-3}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 T0=$SECONDS
-want default && compare default "$PER_DIT" "$STEPS_DIT" "$(methods vidit noblock)" "" $CH &
-want default-text && compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods vidit)" "" $CH &
-want default-video && compare default-video "$PER_VIDEO" "$STEPS_VIDEO" "$(methods vidit)" "" $CH &
-want default_lrq && compare default "$PER_DIT" "$STEPS_DIT" "$(methods lrq)" _lrq $CH &
-want default-text_lrq && compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods lrq)" _lrq $CH &
-want default-unet && compare default-unet "$PER_UNET" "$STEPS_DIT" "$(unet_methods)" "" ${UNET_CHUNKS:-$CH} &
-wait
+# SD_PARALLEL=1: the SD-1.5 steps (below) build and compile while the compares run (their int8-conv
+# autotuning takes minutes) and time their steps only after the compares are done, one at a time
+# (bench/quiet_gpu.py: the compares are one more participant, marked ready when they end)
+T_SD=${T_SD:-300}; SMOKE=""; [ "$TINY" = 1 ] && { T_SD=900; SMOKE=--smoke; }
+QD="$OUT/.quiet"; rm -rf "$QD"; SD_PIDS=()
+sd_step() {  # $1 bf16|w8a8|w4a8, $2 extra arguments
+  local t0=$SECONDS
+  local SCMD="timeout $T_SD python3 bench/bench_unet_sd.py --quant $1 $SMOKE --reps 10 $2 --out $OUT/unet_sd15_512.jsonl"
+  echo "$SCMD" >> "$OUT/commands.txt"
+  $SCMD > "$OUT/unet_sd15_$1.log" 2>&1
+  echo "unet_sd15 $1 rc=$? wall_s=$((SECONDS - t0))" >> "$OUT/timing.txt"
+}
+if [ "${SD:-1}" = 1 ] && [ "${SD_PARALLEL:-0}" = 1 ]; then
+  SDQ=(${SD_QUANTS:-bf16 w8a8 w4a8})
+  for q in "${SDQ[@]}"; do sd_step $q "--quiet-dir $QD --quiet-n $((${#SDQ[@]} + 1)) --wait-max $((T_SD - 60))" & SD_PIDS+=($!); done
+fi
+CMP_PIDS=()
+want default && { compare default "$PER_DIT" "$STEPS_DIT" "$(methods vidit noblock)" "" $CH & CMP_PIDS+=($!); }
+want default-text && { compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods vidit)" "" $CH & CMP_PIDS+=($!); }
+want default-video && { compare default-video "$PER_VIDEO" "$STEPS_VIDEO" "$(methods vidit)" "" $CH & CMP_PIDS+=($!); }
+want default_lrq && { compare default "$PER_DIT" "$STEPS_DIT" "$(methods lrq)" _lrq $CH & CMP_PIDS+=($!); }
+want default-text_lrq && { compare default-text "$PER_TEXT" "$STEPS_TEXT" "$(methods lrq)" _lrq $CH & CMP_PIDS+=($!); }
+want default-unet && { compare default-unet "$PER_UNET" "$STEPS_DIT" "$(unet_methods)" "" ${UNET_CHUNKS:-$CH} & CMP_PIDS+=($!); }
+for p in "${CMP_PIDS[@]}"; do wait "$p"; done
 echo "compares wall_s=$((SECONDS - T0))" >> "$OUT/timing.txt"
+mkdir -p "$QD"; touch "$QD/ready.compares"
+for p in "${SD_PIDS[@]}"; do wait "$p"; done
 
 if [ "${HAD:-1}" = 1 ]; then
 t0=$SECONDS
-HCMD="timeout $T_HAD python3 bench/bench_hadamard.py $HAD_ARGS --out $OUT/hadamard_h200.jsonl"
+HCMD="timeout $T_HAD python3 bench/bench_hadamard.py $HAD_ARGS ${HAD_WIDTHS:+--widths $HAD_WIDTHS} --out $OUT/hadamard_h200.jsonl"
 echo "$HCMD" >> "$OUT/commands.txt"
 $HCMD > "$OUT/hadamard_h200.log" 2>&1
 echo "hadamard rc=$? wall_s=$((SECONDS - t0))" >> "$OUT/timing.txt"
 fi
 # issue 15: SD-1.5 UNet 512² (random weights) bf16 / W8A8 / W4A8 step time and peak memory
 # the quantized SD-1.5 steps need minutes: XLA autotunes the int8 convolutions (125 s was not enough)
-T_SD=${T_SD:-300}; SMOKE=""; [ "$TINY" = 1 ] && { T_SD=900; SMOKE=--smoke; }
-[ "${SD:-1}" = 1 ] && for q in bf16 w8a8 w4a8; do
-  t0=$SECONDS
-  SCMD="timeout $T_SD python3 bench/bench_unet_sd.py --quant $q $SMOKE --reps 10 --out $OUT/unet_sd15_512.jsonl"
-  echo "$SCMD" >> "$OUT/commands.txt"
-  $SCMD > "$OUT/unet_sd15_$q.log" 2>&1
-  echo "unet_sd15 $q rc=$? wall_s=$((SECONDS - t0))" >> "$OUT/timing.txt"
-done
+[ "${SD:-1}" = 1 ] && [ "${SD_PARALLEL:-0}" != 1 ] && for q in ${SD_QUANTS:-bf16 w8a8 w4a8}; do sd_step $q ""; done
 echo "total wall_s=$((SECONDS - T0))" >> "$OUT/timing.txt"
 cat "$OUT/timing.txt"
 tail -n 20 "$OUT/hadamard_h200.log"
 for m in default default-text default-video default_lrq default-text_lrq default-unet; do [ -f "$OUT/compare_$m.md" ] && { echo "== $m"; cat "$OUT/compare_$m.md"; }; done
-rm -rf "$OUT"/cmp_*
+rm -rf "$OUT"/cmp_* "$QD"
 # the device tool returns a limited number of files: pack everything into one tar (+ timing.txt)
 ( cd "$OUT" && tar cf session.tar --exclude=session.tar --exclude=timing.txt ./* && find . -maxdepth 1 -type f ! -name session.tar ! -name timing.txt -delete )

@@ -128,7 +128,79 @@ def _attention(d: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-RENDERERS = {"attention": _attention, "compare": _compare, "compare-order": _ordering, "compare-times": _times, "hadamard": _hadamard}
+def _label(r: dict) -> str:
+    if r.get("framework") == "pytorch":
+        return f"PyTorch {r['mode']}"
+    return f"jaxdq {r.get('quant') or r.get('method')}"
+
+
+def _steps(rows: list) -> str:
+    """One-step benchmark JSON lines (``bench_unet_sd.py``, ``bench_e2e.py``,
+    ``bench_torch_anchor.py``): per row the median / min step time, the speed relative to
+    the jaxdq bf16 row of the same run (rows grouped by their ``session``), weights, peak
+    device memory, and whether the row was timed alone after every process compiled
+    (``quiet_gpu``); a failed row shows its error."""
+    out = ["| run | configuration | step median ms | step min ms | × jaxdq bf16 | weights GB | peak GB | timed alone |",
+           "|---|---|---:|---:|---:|---:|---:|---|"]
+    base = {}
+    for r in rows:
+        if r.get("framework") != "pytorch" and (r.get("quant") or r.get("method")) == "bf16" and "step_ms_median" in r:
+            base.setdefault(r.get("session", "first"), r["step_ms_median"])
+    for r in rows:
+        run = r.get("session", "first")
+        if "step_ms_median" not in r:
+            out.append(f"| {run} | {_label(r)} | failed: {r.get('error', '?')[:80]} | | | | | |")
+            continue
+        b = base.get(run)
+        ratio = f"{b / r['step_ms_median']:.2f}×" if b else "—"
+        wb = f"{r['weight_bytes'] / 1e9:.2f}" if r.get("weight_bytes") and r.get("framework") != "pytorch" else "—"
+        pk = f"{r['peak_device_bytes'] / 1e9:.2f}" if r.get("peak_device_bytes") else "—"
+        q = r.get("quiet_gpu")
+        alone = "yes" if q and q.get("all_ready") else ("no (a process was still compiling)" if q else "not recorded")
+        out.append(f"| {run} | {_label(r)} | {r['step_ms_median']:.2f} | {r.get('step_ms_min', float('nan')):.2f} "
+                   f"| {ratio} | {wb} | {pk} | {alone} |")
+    dev = next((r.get("device") for r in rows if r.get("device")), "")
+    return "\n".join(out) + f"\n\n{dev}; the command of each row is in the file.\n"
+
+
+def _progressive(d: dict) -> str:
+    """``bench_kernels.py --progressive`` JSON: per GEMM shape the time (µs) of XLA bf16 and the
+    Mosaic GPU W8A8 / W4A8 (per channel, float group-64, progressive group-64) kernels, and
+    each one's speed relative to bf16."""
+    cols = (("pg_xla_bf16", "XLA bf16"), ("pg_mgpu_ws_w8a8", "W8A8"), ("pg_mgpu_ws_w4a8", "W4A8 per channel"),
+            ("pg_mgpu_ws_w4a8_g64", "W4A8 float g64"), ("pg_mgpu_ws_w4a8_pg", "W4A8 progressive g64"))
+    by = {}
+    for r in d["rows"]:
+        by.setdefault((r["model"], r["layer"], r["shape"]), {})[r["variant"]] = r["time_ms"]
+    out = ["| layer | M×K×N | " + " | ".join(f"{c} µs (× bf16)" for _, c in cols) + " |",
+           "|---|---|" + "---:|" * len(cols)]
+    for (model, layer, shape), t in by.items():
+        b = t.get("pg_xla_bf16")
+        cells = [f"{1e3 * t[v]:.1f} ({b / t[v]:.2f}×)" if v in t and b else "—" for v, _ in cols]
+        out.append(f"| {model} {layer} | {shape} | " + " | ".join(cells) + " |")
+    m = d.get("meta", {})
+    return "\n".join(out) + f"\n\n{m.get('device', '')}, jax {m.get('jax', '')}; `{m.get('command', '')}`.\n"
+
+
+def _gemm8(d: dict) -> str:
+    """The GEMM rows of ``bench_fused_norm.py kernels``: per shape, µs of XLA bf16 / int8 / FP8
+    and of the Hopper wgmma int8 / FP8 (e4m3) kernels."""
+    cols = ("gemm_xla_bf16", "gemm_xla_int8", "gemm_xla_fp8", "gemm_wgmma_int8", "gemm_wgmma_fp8")
+    by = {}
+    for r in d["rows"]:
+        if r["variant"] in cols:
+            by.setdefault((r["shape"], r["m"], r["k"], r["n"]), {})[r["variant"]] = r["ms"]
+    out = ["| shape | M×K×N | XLA bf16 µs | XLA int8 µs | XLA FP8 µs | wgmma int8 µs | wgmma FP8 µs | FP8 ÷ int8 (wgmma) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (shape, m, k, n), t in by.items():
+        cells = [f"{1e3 * t[c]:.1f}" if c in t else "—" for c in cols]
+        ratio = f"{t['gemm_wgmma_fp8'] / t['gemm_wgmma_int8']:.2f}" if {"gemm_wgmma_fp8", "gemm_wgmma_int8"} <= set(t) else "—"
+        out.append(f"| {shape} | {m}×{k}×{n} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(out) + f"\n\n{d.get('device', '')}, jax {d.get('jax', '')}; `{d.get('command', '')}`.\n"
+
+
+RENDERERS = {"attention": _attention, "compare": _compare, "compare-order": _ordering, "compare-times": _times, "hadamard": _hadamard,
+             "steps": _steps, "progressive": _progressive, "gemm8": _gemm8}
 
 
 def render(kind: str, path: str) -> str:

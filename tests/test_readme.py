@@ -113,3 +113,23 @@ def test_rows_of_a_later_run_join_a_table_only_when_they_compare(tmp_path):
         ep.write_text(json.dumps(dict(extra, **bad)))
         with pytest.raises(ValueError):
             compare_chunks.merge_into(str(bp), str(ep))
+
+
+def test_step_tables_compare_each_row_with_the_bf16_row_of_its_own_run():
+    """The ``steps`` renderer divides by the jaxdq bf16 step of the same ``session`` (never another
+    run's), shows a failed row's error, and says whether a row was timed alone."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import readme_tables
+
+    rows = [{"quant": "bf16", "step_ms_median": 10.0, "step_ms_min": 9.0, "session": "a"},
+            {"quant": "bf16", "step_ms_median": 20.0, "step_ms_min": 19.0, "session": "b",
+             "quiet_gpu": {"all_ready": True}},
+            {"quant": "w8a8", "step_ms_median": 25.0, "step_ms_min": 24.0, "session": "b",
+             "quiet_gpu": {"all_ready": False}},
+            {"framework": "pytorch", "mode": "compile", "step_ms_median": 16.0, "step_ms_min": 15.0, "session": "b"},
+            {"framework": "pytorch", "mode": "torchao-int8", "error": "RuntimeError: too small", "session": "b"}]
+    lines = readme_tables._steps(rows).splitlines()
+    assert "| b | jaxdq w8a8 | 25.00 | 24.00 | 0.80× |" in lines[4]
+    assert "| b | PyTorch compile | 16.00 | 15.00 | 1.25× |" in lines[5]
+    assert "no (a process was still compiling)" in lines[4] and lines[3].endswith("| yes |")
+    assert "failed: RuntimeError: too small" in lines[6]
