@@ -157,6 +157,13 @@ BIT_FOR_BIT = {"dit": (("float", "quarot-w8a8", "dynamic-w4a8"), ("float",)),
 # (FLUX: relative L2 ≤ 5.6e-3).  So the check is equality to that rounding, not bit identity: a
 # changed formula (another eps, a dropped shift, the modulate's (1 + s) as s) moves outputs ≥ 1e-3.
 F32_MAX_REL = 4e-6  # max |Δ| / max |y|, ≈ 30 float32 ulps of the output scale
+# A quantized variant turns those ulps into an occasional flipped code: measured 2026-12-03 on a
+# fresh install on another CPU, PixArt smooth-lowrank-w8a8 moved by one code at a rounding
+# boundary (max |Δ|/max|y| 8.5e-4 over 31 of 1024 outputs, relative L2 2.5e-4) while its float
+# model stayed within 2.8e-7.  Quantized variants are therefore held to a relative L2 that
+# admits a few flipped codes and not a systematic change (another eps or a dropped shift moves
+# every output, ≥ 1e-3 in L2); the float variants keep the ulp bound.
+QUANT_L2_REL = 1e-3
 BF16_L2_REL = 2e-2  # ‖Δ‖ / ‖y‖, ≈ 2.5 bf16 ulps
 
 
@@ -174,8 +181,12 @@ def test_reference_policy_unchanged_to_float_rounding(model, fixture):
     apply, params, roles = build(model)
     for v in f32:
         got, want = np.asarray(apply(quantized(params, roles, v))), fixture[f"{model}/{v}"]
-        rel = np.abs(got - want).max() / np.abs(want).max()
-        assert rel <= F32_MAX_REL, (model, v, rel)
+        if v == "float":
+            rel = np.abs(got - want).max() / np.abs(want).max()
+            assert rel <= F32_MAX_REL, (model, v, rel)
+        else:
+            rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+            assert rel <= QUANT_L2_REL, (model, v, rel)
     apply16, _, _ = build(model, jnp.bfloat16)
     for v in b16:
         got = np.asarray(apply16(quantized(params, roles, v)).astype(jnp.float32))
