@@ -18,7 +18,6 @@ a tiny width and depth (CPU check of this script; what it measures means nothing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.quiet_gpu import QuietGPU  # noqa: E402
 from jaxdq.backend import REFERENCE, Policy, bind  # noqa: E402
 
 BF16 = jnp.bfloat16
@@ -141,7 +141,7 @@ def time_step(f, params, x, t, reps, quiet=None):
     out = jax.block_until_ready(f(params, x, t))
     compile_s = time.time() - t0
     times = []
-    with quiet.timing() if quiet is not None else contextlib.nullcontext():
+    with (quiet or QuietGPU(None)).timing():
         for _ in range(reps):
             t0 = time.perf_counter()
             jax.block_until_ready(f(params, x, t))

@@ -23,7 +23,6 @@ is a row with ``out_finite: false``: recorded, not hidden.  JSON lines out, the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -123,7 +122,7 @@ def time_calls(f, kw, reps: int, warmup: int, cuda: bool, quiet=None) -> tuple[l
         if cuda:
             torch.cuda.synchronize()
         times = []
-        with quiet.timing() if quiet is not None else contextlib.nullcontext():
+        with (quiet or quiet_gpu.QuietGPU(None)).timing():
             for _ in range(reps):
                 if cuda:
                     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
