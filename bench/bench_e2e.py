@@ -51,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import quiet_gpu  # noqa: E402
 from bench.bench_models import emit, setup, time_step  # noqa: E402
 from jaxdq import backend  # noqa: E402
+from jaxdq.models.attention import EIGHT_BIT  # noqa: E402
 from jaxdq.quant.layers import FloatLinear, QLinear, get_path, is_float_dict, set_path  # noqa: E402
 
 BF16 = jnp.bfloat16
@@ -152,6 +153,10 @@ def categorize(name: str) -> str:
     n = name.lower()
     if "quantize_act" in n:
         return "quantize_kernel"
+    if "attention_int8" in n:
+        return "attention_int8_kernel"
+    if any(s in n for s in ("sdpa", "fmha", "flash")):
+        return "attention_cudnn"
     if "int_gemm" in n or "mosaic" in n or "jaxdq" in n or n.startswith("kernel"):
         return "int_gemm_kernel"
     if any(s in n for s in ("gemm", "cutlass", "xmma", "cublas", "sm90", "nvjet", "wgmma", "triton_dot")):
@@ -165,7 +170,7 @@ def main():
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--attention", default="float32", choices=("float32", "cudnn", "xla"),
+    ap.add_argument("--attention", default="float32", choices=("float32", "cudnn", "xla") + EIGHT_BIT,
                     help="attention implementation of the model (jaxdq.models.attention)")
     ap.add_argument("--out", required=True, help="JSON-lines file to append to")
     ap.add_argument("--weights-only", action="store_true",
@@ -209,7 +214,7 @@ def main():
            "build_s": round(build_s, 1), "weight_bytes": wbytes,
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
-           "small_m_xla": pol.small_m,
+           "small_m_xla": pol.small_m, "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
                       + f" --attention {args.attention}" + (" --profile" if args.profile else "")
@@ -222,7 +227,8 @@ def main():
         try:
             from jax.experimental.mosaic.gpu import profiler
 
-            _, kt = profiler.measure(f, aggregate=False)(params, x, t)
+            with quiet.timing():  # the profile too under the lock: parallel processes would disturb it
+                _, kt = profiler.measure(f, aggregate=False)(params, x, t)
             cats: dict = {}
             for name, ms in kt:
                 c = categorize(name)

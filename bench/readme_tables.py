@@ -131,7 +131,8 @@ def _attention(d: dict) -> str:
 def _label(r: dict) -> str:
     if r.get("framework") == "pytorch":
         return f"PyTorch {r['mode']}"
-    return f"jaxdq {r.get('quant') or r.get('method')}"
+    att = r.get("attention")
+    return f"jaxdq {r.get('quant') or r.get('method')}" + (f", {att} attention" if att else "")
 
 
 def _steps(rows: list) -> str:
@@ -198,9 +199,36 @@ def _gemm8(d: dict) -> str:
         out.append(f"| {shape} | {m}×{k}×{n} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(out) + f"\n\n{d.get('device', '')}, jax {d.get('jax', '')}; `{d.get('command', '')}`.\n"
 
+def _attention_kernel(d: dict) -> str:
+    """``bench/bench_attention.py`` JSON: per attention shape, µs of cuDNN's bf16 flash attention,
+    the int8qk path (XLA quantize + the Mosaic GPU kernel) and the kernel alone on ready codes
+    (default tuning, and the fastest tuning measured), each with its speed relative to cuDNN,
+    and the errors vs float32 attention."""
+    by = {}
+    for r in d["rows"]:
+        if "ms" in r:
+            by.setdefault(r["shape"], {})[r["variant"]] = r
+    out = ["| shape (B × T_q × T_k × H × d) | cuDNN bf16 µs | int8qk path µs (× cuDNN) | kernel µs (× cuDNN) "
+           "| fastest kernel tuning µs (× cuDNN) | rel. error vs float32: cuDNN / int8qk |",
+           "|---|---:|---:|---:|---:|---|"]
+    for shape, v in by.items():
+        c = v.get("cudnn_bf16")
+        if c is None:
+            continue
+        any_r = next(iter(v.values()))
+        dims = f"{any_r['B']}×{any_r['Tq']}×{any_r['Tk']}×{any_r['H']}×{any_r['d']}" + (" masked" if any_r["masked"] else "")
+        cell = lambda r: f"{1e3 * r['ms']:.1f} ({c['ms'] / r['ms']:.2f}×)" if r else "—"  # noqa: E731
+        kern = {k: r for k, r in v.items() if k.startswith("int8qk_kernel")}
+        best_name = min(kern, key=lambda k: kern[k]["ms"]) if kern else None
+        best = f"{cell(kern[best_name])} `{best_name[len('int8qk_kernel_'):]}`" if best_name else "—"
+        path, k0 = v.get("int8qk_bkv128"), v.get("int8qk_kernel_bkv128_pp_s2")
+        err = f"{c['rel_err_vs_f32']:.4f} / {(path or k0)['rel_err_vs_f32']:.4f}" if (path or k0) else "—"
+        out.append(f"| {shape} {dims} | {1e3 * c['ms']:.1f} | {cell(path)} | {cell(k0)} | {best} | {err} |")
+    return "\n".join(out) + f"\n\n{d.get('device', '')}, jax {d.get('jax', '')}, CUPTI kernel time; `{d.get('command', '')}`.\n"
+
 
 RENDERERS = {"attention": _attention, "compare": _compare, "compare-order": _ordering, "compare-times": _times, "hadamard": _hadamard,
-             "steps": _steps, "progressive": _progressive, "gemm8": _gemm8}
+             "steps": _steps, "progressive": _progressive, "gemm8": _gemm8, "attention-kernel": _attention_kernel}
 
 
 def render(kind: str, path: str) -> str:

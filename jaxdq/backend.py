@@ -492,3 +492,60 @@ def stored_for_kernels(params: Mapping) -> Mapping:
         return layer
 
     return map_layers(params, relayout)
+
+
+def attention_kernel_selected(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether ``attention(..., impl="int8qk")`` runs the Hopper kernel
+    (:func:`int8qk_attention`): an sm_90 GPU with Mosaic GPU, ``[N, T, H, d]`` operands with
+    one head dimension of at most 256 and equal heads for Q, K and V."""
+    if not _is_hopper():
+        return False
+    try:
+        import pallas_kernels.attention_int8  # noqa: F401  (absent from jax builds without Mosaic GPU)
+    except ImportError:  # pragma: no cover
+        return False
+    return (q.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]
+            and q.shape[-1] <= 256)
+
+
+def int8qk_kernel_operands(q: jax.Array, k: jax.Array, v: jax.Array, bias=None, *, block_kv: int = 128,
+                           pad_64: bool = False):
+    """The operands :func:`int8qk_attention` hands the kernel: ``(qc, kc, v16, sq, sk, kbias)``
+    (:func:`pallas_kernels.attention_int8.int8qk_attention`'s arguments).  The codes are
+    :func:`jaxdq.quant.attention_codes.int8_qk_codes`'s, the softmax scale and ``log2 e``
+    folded into ``sq``, V in float16; tokens padded to the kernel's tiles (padded keys masked
+    by ``kbias``), head dims padded with zero columns to the kernel's minimum (Q/K codes to a
+    multiple of 32, V to 16: d = 72 → 96 / 80), or with ``pad_64`` to multiples of 64."""
+    from jaxdq.quant.attention_codes import int8_qk_codes
+
+    n, tq, h, d = q.shape
+    tk = k.shape[1]
+    qc, kc, sq, sk = int8_qk_codes(q, k)
+    sq = sq * (math.log2(math.e) / math.sqrt(d))
+    up = lambda x, m: -(-x // m) * m  # noqa: E731
+    dk, dv = (up(d, 64), up(d, 64)) if pad_64 else (up(d, 32), up(d, 16))
+    tqp, tkp = up(tq, 128), up(tk, block_kv)
+    pad = lambda a, t, dd: jnp.pad(a, ((0, 0), (0, t - a.shape[1]), (0, 0), (0, dd - a.shape[3])))  # noqa: E731
+    qc, kc, v16 = pad(qc, tqp, dk), pad(kc, tkp, dk), pad(v.astype(jnp.float16), tkp, dv)
+    sq = jnp.pad(sq, ((0, 0), (0, tqp - tq), (0, 0))).transpose(0, 2, 1)
+    sk = jnp.pad(sk, ((0, 0), (0, tkp - tk), (0, 0))).transpose(0, 2, 1)
+    kb = None
+    if bias is not None or tkp > tk:  # base-2 logit offsets; padded keys far below any real one
+        kb = jnp.zeros((n, tk), jnp.float32) if bias is None else bias.astype(jnp.float32) * math.log2(math.e)
+        kb = jnp.pad(kb, ((0, 0), (0, tkp - tk)), constant_values=-1e30)
+    return qc, kc, v16, sq, sk, kb
+
+
+def int8qk_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias=None, *, interpret: bool = False,
+                     block_kv: int = 128, pad_64: bool = False) -> jax.Array:
+    """``attention(q, k, v, bias, impl="int8qk")`` through the Hopper kernel
+    (:func:`pallas_kernels.attention_int8.int8qk_attention`) on :func:`int8qk_kernel_operands`.
+
+    q: ``[N, Tq, H, d]``; k, v: ``[N, Tk, H, d]``; bias ``[N, Tk]`` or None.  Returns
+    ``v.dtype [N, Tq, H, d]``.  ``interpret``: jax's Mosaic GPU interpreter (CPU tests)."""
+    from pallas_kernels.attention_int8 import AttentionConfig, int8qk_attention as kernel
+    from pallas_kernels.int_gemm_hopper import gpu_interpret_params
+
+    cfg = AttentionConfig(block_kv=block_kv, interpret=gpu_interpret_params() if interpret else None)
+    out = kernel(*int8qk_kernel_operands(q, k, v, bias, block_kv=block_kv, pad_64=pad_64), config=cfg)
+    return out[:, :q.shape[1], :, :q.shape[3]].astype(v.dtype)

@@ -24,6 +24,10 @@ Ops:
   (int8 / ``jnp.int4`` K-major weights, per-channel or per-group scales, fused low rank);
   ``pick_tile_n``, ``device_num_sms``, ``gpu_interpret_params``, ``smem_bytes``; its
   reference is ``int_gemm_reference``.
+* :mod:`pallas_kernels.attention_int8` (Mosaic GPU, sm_90a): ``int8qk_attention(qc, kc, v, sq,
+  sk, kbias, config=AttentionConfig())``: FlashAttention-3-style attention with INT8 ``Q Kᵀ``
+  (s8 wgmma), per-token Q/K scales and key offsets in registers, online softmax, f16/bf16
+  ``P̃ V``; reference ``int8qk_attention_reference``.
 * :mod:`pallas_kernels.twinlog_gemm` (Pallas-Triton): ``twinlog_gemm(xq, sx, wq, step,
   offset, *, bias, config=TwinLogGemmConfig())``: int8 activation codes × packed 4-bit
   twin-log (LRQ-DiT) codes decoded in registers (``±2^(step·q + offset)``, one ``ex2`` per

@@ -133,3 +133,25 @@ def test_step_tables_compare_each_row_with_the_bf16_row_of_its_own_run():
     assert "| b | PyTorch compile | 16.00 | 15.00 | 1.25× |" in lines[5]
     assert "no (a process was still compiling)" in lines[4] and lines[3].endswith("| yes |")
     assert "failed: RuntimeError: too small" in lines[6]
+
+
+def test_attention_kernel_table_divides_by_cudnn_of_the_same_shape():
+    """The ``attention-kernel`` renderer: each int8 row's speed is cuDNN's time of its own shape over
+    its time, the fastest kernel tuning is named, failed variants (no ``ms``) are left out; the
+    ``steps`` label names a row's attention implementation."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import readme_tables
+
+    base = {"B": 2, "Tq": 256, "Tk": 256, "H": 4, "d": 72, "masked": False}
+    rows = [dict(base, shape="s", variant="cudnn_bf16", ms=0.010, rel_err_vs_f32=0.002),
+            dict(base, shape="s", variant="int8qk_bkv128", ms=0.020, rel_err_vs_f32=0.0125),
+            dict(base, shape="s", variant="int8qk_kernel_bkv128_pp_s2", ms=0.0125, rel_err_vs_f32=0.0124),
+            dict(base, shape="s", variant="int8qk_kernel_bkv64_pp_s2", ms=0.008, rel_err_vs_f32=0.0124),
+            dict(base, shape="s", variant="int8qk_kernel_bkv192_pp_s2", error="ValueError: smem"),
+            dict(base, shape="t", variant="cudnn_bf16", ms=0.040, rel_err_vs_f32=0.002),
+            dict(base, shape="t", variant="int8qk_kernel_bkv128_pp_s2", ms=0.020, rel_err_vs_f32=0.0124)]
+    lines = readme_tables._attention_kernel({"rows": rows}).splitlines()
+    assert lines[2] == ("| s 2×256×256×4×72 | 10.0 | 20.0 (0.50×) | 12.5 (0.80×) | 8.0 (1.25×) `bkv64_pp_s2` "
+                        "| 0.0020 / 0.0125 |")
+    assert lines[3].startswith("| t 2×256×256×4×72 | 40.0 | — | 20.0 (2.00×) | 20.0 (2.00×) `bkv128_pp_s2` |")
+    assert readme_tables._label({"method": "w8a8", "attention": "int8qk"}) == "jaxdq w8a8, int8qk attention"

@@ -20,7 +20,9 @@
   V as FP8 e4m3 per channel and head, ``P̃ V`` and the row sums in float32.
 * ``"fp8"``: the same with Q and K in FP8 e4m3 per block instead of INT8 (FP8 ``Q Kᵀ``).
 * ``"int8qk"``: INT8 ``Q Kᵀ`` as ``"sage8"`` with ``P̃`` and V in float16 (SageAttention v1's
-  scheme), to see what the FP8 ``P̃ V`` costs.
+  scheme).  On a Hopper GPU it runs as one Pallas Mosaic GPU flash-attention kernel
+  (:func:`jaxdq.backend.int8qk_attention`, :mod:`pallas_kernels.attention_int8`: s8 wgmma
+  ``Q Kᵀ``, online softmax, f16 ``P̃ V``), elsewhere as this module's jnp.
 * ``"a2a"`` (``"a2a-xla"``, ``"a2a-cudnn"``): sequence parallel over the ``"model"`` axis of
   the mesh in jax's mesh context (:func:`jaxdq.distributed.sequence_parallel_attention`:
   all-to-all from a sequence split to a head split and back, ``shard_map``), each device
@@ -36,11 +38,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from jaxdq import backend
+from jaxdq.quant.attention_codes import SAGE_BLOCK_K, SAGE_BLOCK_Q, int8_qk_codes, per_block_scale, smooth_keys
+
 SEQUENCE_PARALLEL = ("a2a", "a2a-xla", "a2a-cudnn")
 EIGHT_BIT = ("sage8", "fp8", "int8qk")
 IMPLS = ("float32", "cudnn", "xla") + EIGHT_BIT + SEQUENCE_PARALLEL
-SAGE_BLOCK_Q = 128  # tokens per Q scale (SageAttention's per-block granularity)
-SAGE_BLOCK_K = 64  # tokens per K scale
 _E4M3_MAX = 448.0
 
 
@@ -71,6 +74,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
     check_attention_impl(impl)
     if impl in EIGHT_BIT:
+        if impl == "int8qk" and backend.attention_kernel_selected(q, k, v):
+            return backend.int8qk_attention(q, k, v, bias)
         return attention_8bit(q, k, v, bias, qk="e4m3" if impl == "fp8" else "int8",
                               pv="float16" if impl == "int8qk" else "e4m3")
     if impl in SEQUENCE_PARALLEL:
@@ -86,17 +91,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.Array
     if bias is not None:  # cuDNN wants the bias as [N|1, H|1, Tq, Tk]
         b = jnp.broadcast_to(bias.astype(dtype)[:, None, None, :], (q.shape[0], 1, q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=b, implementation=impl).astype(out_dtype)
-
-
-def _per_block_scale(x: jax.Array, block: int, qmax: float) -> jax.Array:
-    """Symmetric scale per block of ``block`` tokens and head: ``[N, T, H, 1]`` (broadcast
-    back over the block's tokens), ``max|x| / qmax`` (1 for an all-zero block)."""
-    n, t, h, d = x.shape
-    pad = (-t) % block
-    xp = jnp.pad(jnp.abs(x), ((0, 0), (0, pad), (0, 0), (0, 0)))
-    amax = xp.reshape(n, -1, block, h, d).max(axis=(2, 4), keepdims=True)
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
-    return jnp.broadcast_to(scale, (n, xp.shape[1] // block, block, h, 1)).reshape(n, -1, h, 1)[:, :t]
 
 
 def _e4m3(x: jax.Array) -> jax.Array:
@@ -117,20 +111,19 @@ def attention_8bit(q: jax.Array, k: jax.Array, v: jax.Array, bias: Optional[jax.
     Returns:
       ``[N, Tq, H, d]`` float32.
     """
-    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-    if smooth_k:  # softmax(q·(k − k̄)) = softmax(q·k): exact; K's shared offset leaves the INT8 range
-        k = k - k.mean(axis=1, keepdims=True)
     if qk == "int8":
-        sq, sk = _per_block_scale(q, SAGE_BLOCK_Q, 127.0), _per_block_scale(k, SAGE_BLOCK_K, 127.0)
-        qc = jnp.clip(jnp.round(q / sq), -127, 127).astype(jnp.int8)
-        kc = jnp.clip(jnp.round(k / sk), -127, 127).astype(jnp.int8)
+        qc, kc, sq, sk = int8_qk_codes(q, k, smooth_k)
         s = jnp.einsum("nqhd,nkhd->nhqk", qc, kc, preferred_element_type=jnp.int32).astype(jnp.float32)
     elif qk == "e4m3":
-        sq, sk = _per_block_scale(q, SAGE_BLOCK_Q, _E4M3_MAX), _per_block_scale(k, SAGE_BLOCK_K, _E4M3_MAX)
+        q = q.astype(jnp.float32)
+        k = smooth_keys(k) if smooth_k else k.astype(jnp.float32)
+        sq, sk = per_block_scale(q, SAGE_BLOCK_Q, _E4M3_MAX), per_block_scale(k, SAGE_BLOCK_K, _E4M3_MAX)
         s = jnp.einsum("nqhd,nkhd->nhqk", _e4m3(q / sq), _e4m3(k / sk))
+        sq, sk = sq[..., 0], sk[..., 0]
     else:
         raise ValueError(f"qk={qk!r}: expected 'int8' or 'e4m3'")
-    s = s * sq[..., 0].transpose(0, 2, 1)[..., :, None] * sk[..., 0].transpose(0, 2, 1)[..., None, :]
+    v = v.astype(jnp.float32)
+    s = s * sq.transpose(0, 2, 1)[..., :, None] * sk.transpose(0, 2, 1)[..., None, :]
     s = s / math.sqrt(q.shape[-1])
     if bias is not None:
         s = s + bias.astype(jnp.float32)[:, None, None, :]
