@@ -18,13 +18,17 @@ quantizer, on a one-layer tree; the step runs under the method's
                  (weights and activations), a rank-32 fp16 low-rank branch and a smoothing
                  vector on every such linear; adaLN linears W4A16 (fp16 scales); embedders,
                  first/last and cross-attention K/V float.  Each layer is
-                 :func:`jaxdq.quant.svdquant.svdquant_layer` with synthetic calibration
+                 :func:`jaxdq.quant.svdquant.svdquant_layer` (fp16 weight scales, the
+                 paper's storage) with synthetic calibration
                  statistics (random per-channel absmax, α = 0.5) and no SVD (rank 0); the
                  rank-32 factors are then random: the float64 SVD of 12B random weights
                  would measure nothing and take hours, and the step's cost and the bytes do
                  not depend on the factors' values.  ``policy("kernels")``.
   svdquant-w4a4-unfused  the same, with the low-rank product added by XLA after the GEMM
                  (``policy("kernels", fuse_lowrank=False)``).
+  svdquant-w4a8  the ``svdquant-w4a8`` recipe's layers built the same way: progressive-group
+                 4-bit weights (INT8 per channel, UINT4 group-64 integer zero/scale), per-token
+                 8-bit activations, the rank-32 branch; the Hopper progressive GEMM.
 
 The quantized trees are built one linear at a time from random bf16 weights (never
 the whole bf16 model), so ``peak_device_bytes`` is the quantized model's.  The step is
@@ -55,7 +59,7 @@ from jaxdq.models.attention import EIGHT_BIT  # noqa: E402
 from jaxdq.quant.layers import FloatLinear, QLinear, get_path, is_float_dict, set_path  # noqa: E402
 
 BF16 = jnp.bfloat16
-METHODS = ("bf16", "w8a8", "w4a8", "w8a8-xla", "svdquant-w4a4", "svdquant-w4a4-unfused")
+METHODS = ("bf16", "w8a8", "w4a8", "w8a8-xla", "svdquant-w4a4", "svdquant-w4a4-unfused", "svdquant-w4a8")
 ARCH_OF = {"dit-xl2-256": "dit", "pixart-sigma-1024": "pixart", "flux1-dev-1024": "flux"}
 RECIPE_OF = {"w8a8": "dynamic-w8a8", "w8a8-xla": "dynamic-w8a8", "w4a8": "dynamic-w4a8"}
 RANK = 32
@@ -103,7 +107,7 @@ def make_converter(method: str, key, roles):
     method = method.removesuffix("-unfused")
     if method == "bf16":
         return lambda path, layer: layer
-    if method not in RECIPE_OF and method != "svdquant-w4a4":
+    if method not in RECIPE_OF and method not in ("svdquant-w4a4", "svdquant-w4a8"):
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     kernels = method != "w8a8-xla"
     counter = [0]
@@ -128,7 +132,10 @@ def make_converter(method: str, key, roles):
     from jaxdq.quant.rules import config_of, quantize_linear
     from jaxdq.quant.svdquant import svdquant_layer, svdquant_rules
 
-    cfg_of = config_of(svdquant_rules(), roles)  # paper defaults: W4A4 g64, adaLN W4A16, embedders/first/last/cross-KV float
+    # paper defaults: W4A4 g64, adaLN W4A16, embedders/first/last/cross-KV float; svdquant-w4a8: the recipe's
+    # Hopper form (progressive-group 4-bit weights, per-token 8-bit activations)
+    w4a8 = method == "svdquant-w4a8"
+    cfg_of = config_of(svdquant_rules(act_bits=8, progressive=True) if w4a8 else svdquant_rules(), roles)
 
     def convert(path, layer):
         cfg = cfg_of(path)
@@ -141,12 +148,38 @@ def make_converter(method: str, key, roles):
         k1, k2, k3 = jax.random.split(jax.random.fold_in(key, counter[0]), 3)
         c_in, c_out = fl.in_features, fl.out_features
         absmax = jax.random.uniform(k1, (c_in,), minval=0.5, maxval=8.0)  # synthetic calibration statistics
-        q = svdquant_layer(fl, cfg, act_absmax=absmax, alpha=0.5, rank=0)
+        # fp16 group scales, as the paper stores them (4.25 bits per weight at group 64, not 4.5)
+        q = svdquant_layer(fl, cfg, act_absmax=absmax, alpha=0.5, rank=0,
+                           scale_dtype=None if w4a8 else jnp.float16)  # (progressive: int8 group scales)
         lr = dict(lowrank_a=(jax.random.normal(k2, (c_in, RANK)) / np.sqrt(c_in)).astype(jnp.float16),
                   lowrank_b=(jax.random.normal(k3, (RANK, c_out)) * 0.02).astype(jnp.float16))
         return stored(q.replace(transform=q.transform.replace(**lr)))
 
     return convert
+
+
+def bytes_by_part(params) -> dict:
+    """Weight bytes by what they are: quantized ``codes``, weight ``scale``/``zero``
+    (``weight_scales``), the low-rank factors, smoothing vectors, activation statistics (``act``),
+    and every other leaf as ``float`` (embedders, final layer, norms, unquantized linears, biases)."""
+    parts: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
+        last = names[-1]
+        if "act" in names:
+            part = "act"
+        elif "weight" in names:
+            part = "codes" if last == "codes" else "weight_scales"
+        elif last in ("lowrank_a", "lowrank_b"):
+            part = "lowrank"
+        elif last == "smooth":
+            part = "smooth"
+        elif any(n in ("transform",) for n in names):
+            part = "transform_other"
+        else:
+            part = "float"
+        parts[part] = parts.get(part, 0) + int(leaf.size * leaf.dtype.itemsize)
+    return dict(sorted(parts.items()))
 
 
 def categorize(name: str) -> str:
@@ -200,6 +233,7 @@ def main():
     smoke = " --smoke" if args.smoke else ""
     if args.weights_only:
         row = {"model": args.model, "method": args.method, "weight_bytes": wbytes, "build_s": round(build_s, 1),
+               "bytes_by_part": bytes_by_part(params),
                "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"
                           + smoke}
