@@ -26,9 +26,11 @@ from jaxdq.quant.rules import role_matches  # noqa: E402
 from jaxdq.viz import read_png  # noqa: E402
 
 #: The reconstruction recipes with tiny iteration counts (the path runs; its numbers are
-#: tested in test_reconstruct.py / test_tfmq.py).
+#: tested in test_reconstruct.py / test_tfmq.py).  qdiffusion and tfmq-dm at the same bits
+#: (W4A8): tfmq-dm's BRECQ blocks are then the very programs qdiffusion compiled (the suite's
+#: time); 8-bit weights are rtn-w8a8's and the others', AdaRound's codes test_reconstruct's.
 RECON = "@iters=2@per_step=1@steps_per_call=2"
-RECIPES = ("naive-pertensor-w8a8", "per-step-static-w8a8", "rtn-w8a8", "qdiffusion-w8a8" + RECON,
+RECIPES = ("naive-pertensor-w8a8", "per-step-static-w8a8", "rtn-w8a8", "qdiffusion-w4a8" + RECON,
            "tfmq-dm-w4a8" + RECON, "smoothquant-w8a8", "vidit-q-w8a8", "vidit-q-mp", "svdquant")
 FAST = ["--calib-per-class", "1", "--calib-steps", "3"]
 #: On the UNet, tfmq-dm runs all of qdiffusion's path (BRECQ + AdaRound, shortcut splitting)
