@@ -71,3 +71,24 @@ def test_no_directory_is_a_lone_run():
     with q.timing():
         pass
     assert q.report is None
+
+
+def test_as_participant_strips_the_quiet_arguments_and_marks_itself_ready(tmp_path):
+    """bench/as_participant.sh runs the command without the appended quiet-GPU arguments, keeps its
+    exit code, counts as ready only once it has ended, and refuses a command line without them."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "as_participant.sh")
+    d = tmp_path / "q"
+    d.mkdir()
+    out = tmp_path / "args.txt"
+    cmd = ["bash", script, "bash", "-c", f'ls {d} > {out}.before; echo "$@" > {out}; exit 3', "_", "a", "b",
+           "--quiet-dir", str(d), "--quiet-n", "2", "--wait-max", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 3
+    assert out.read_text().split() == ["a", "b"]  # the quiet arguments never reach the command
+    assert (tmp_path / "args.txt.before").read_text() == ""  # not ready while it ran
+    assert len([p for p in os.listdir(d) if p.startswith("ready.")]) == 1
+    assert QuietGPU(str(d), 1)._n_ready() == 1  # the barrier counts it
+    r = subprocess.run(["bash", script, "true"], capture_output=True, text=True)
+    assert r.returncode == 2 and "no trailing --quiet-dir" in r.stderr
