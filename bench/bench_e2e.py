@@ -160,8 +160,8 @@ def make_converter(method: str, key, roles):
 
 def bytes_by_part(params) -> dict:
     """Weight bytes by what they are: quantized ``codes``, weight ``scale``/``zero``
-    (``weight_scales``), the low-rank factors, smoothing vectors, activation statistics (``act``),
-    and every other leaf as ``float`` (embedders, final layer, norms, unquantized linears, biases)."""
+    (``weight_scales``), the low-rank factors, smoothing vectors, other input-transform leaves
+    (``transform_other``), activation statistics (``act``), and every other leaf as ``float`` (embedders, final layer, norms, unquantized linears, biases)."""
     parts: dict = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [str(getattr(k, "name", getattr(k, "key", k))) for k in path]
@@ -174,7 +174,7 @@ def bytes_by_part(params) -> dict:
             part = "lowrank"
         elif last == "smooth":
             part = "smooth"
-        elif any(n in ("transform",) for n in names):
+        elif "transform" in names:  # e.g. a stored rotation
             part = "transform_other"
         else:
             part = "float"
