@@ -43,9 +43,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.int_gemm_hopper import SMEM_BUDGET, smem_transforms, wgmma_vector
+
 __all__ = ["AttentionConfig", "int8qk_attention", "int8qk_attention_reference", "attention_smem_bytes"]
 
-_SMEM_BUDGET = 232448 - 2048  # sm_90 shared memory per CTA, less the barriers' room
 
 
 def int8qk_attention_reference(qc, kc, v, sq, sk, kbias=None) -> jax.Array:
@@ -90,11 +91,6 @@ class AttentionConfig:
             raise ValueError(f"block_kv={self.block_kv} must be a positive multiple of 64")
         if self.max_concurrent_steps < 2:
             raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be at least 2")
-
-
-def _transforms(minor_elems: int, bits: int):
-    swizzle = plgpu.find_swizzle(minor_elems * bits)
-    return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
 def attention_smem_bytes(steps: int, *, block_q: int, block_kv: int, dk: int, dv: int, v_bytes: int,
@@ -144,19 +140,14 @@ def int8qk_attention(qc, kc, v, sq, sk, kbias=None, *, config: AttentionConfig =
     steps = min(config.max_concurrent_steps, kv_steps)
     smem = functools.partial(attention_smem_bytes, block_q=bq, block_kv=bkv, dk=dk, dv=dv, v_bytes=v_bytes,
                              bias=has_bias, interpret=bool(interpret))
-    while steps > 2 and smem(steps) > _SMEM_BUDGET:
+    while steps > 2 and smem(steps) > SMEM_BUDGET:
         steps -= 1
-    if smem(max(steps, 1)) > _SMEM_BUDGET:
-        raise ValueError(f"tiles need {smem(steps)} B of shared memory (> {_SMEM_BUDGET})")
+    if smem(steps) > SMEM_BUDGET:
+        raise ValueError(f"tiles need {smem(steps)} B of shared memory (> {SMEM_BUDGET})")
     pdt = v.dtype
     ping_pong = config.schedule_barrier
 
-    def vec_load(ref, reduced_dim, gmem=False):
-        """A row (``reduced_dim=1``) / column (0) vector in the layout that broadcasts over a
-        WGMMA accumulator.  (The GPU interpreter has no rule for ``plgpu.load``.)"""
-        if interpret:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
+    vec_load = functools.partial(wgmma_vector, interpret=interpret)
 
     def attention_int8_kernel(q_gmem, k_gmem, v_gmem, sq_gmem, sk_gmem, kb_gmem, out_gmem,
                               q_smem, out_smem, q_bar, sched_bar, tr_smem):
@@ -240,8 +231,8 @@ def int8qk_attention(qc, kc, v, sq, sk, kbias=None, *, config: AttentionConfig =
             plgpu.barrier_arrive(v_done)
             return acc, m_new, l_i
 
-        specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=_transforms(dk, 8)),
-                 plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=_transforms(dv, 16)),
+        specs = [plgpu.BlockSpec((bkv, dk), lambda i: (i, 0), transforms=smem_transforms(dk, 8)),
+                 plgpu.BlockSpec((bkv, dv), lambda i: (i, 0), transforms=smem_transforms(dv, 16)),
                  plgpu.BlockSpec((bkv,), lambda i: (i,))]
         operands = [k_gmem.at[batch, :, head, :], v_gmem.at[batch, :, head, :], sk_gmem.at[batch, head]]
         if has_bias:
@@ -252,8 +243,8 @@ def int8qk_attention(qc, kc, v, sq, sk, kbias=None, *, config: AttentionConfig =
             max_concurrent_steps=steps, manual_consumed_barriers=True, compute_context=compute_context)
         pipeline(*operands)
 
-    scratch = [plgpu.SMEM((2, bq, dk), jnp.int8, transforms=_transforms(dk, 8)),
-               plgpu.SMEM((2, bq, dv), pdt, transforms=_transforms(dv, 16)),
+    scratch = [plgpu.SMEM((2, bq, dk), jnp.int8, transforms=smem_transforms(dk, 8)),
+               plgpu.SMEM((2, bq, dv), pdt, transforms=smem_transforms(dv, 16)),
                plgpu.Barrier(num_barriers=2),
                plgpu.Barrier(num_arrivals=2)]
     scratch.append((plgpu.SMEM((2, dk, bkv), jnp.int8), plgpu.SMEM((2, bq, bkv), pdt)) if interpret else None)

@@ -41,12 +41,13 @@ from pallas_kernels._common import weight_colsum
 from pallas_kernels.int_gemm import int_gemm_reference
 
 __all__ = ["HopperGemmConfig", "int8_gemm_ws", "int_gemm_reference", "pick_tile_n", "device_num_sms",
-           "gpu_interpret_params", "smem_bytes", "progressive_expand_reference", "progressive_gemm_reference"]
+           "gpu_interpret_params", "smem_bytes", "progressive_expand_reference", "progressive_gemm_reference",
+           "SMEM_BUDGET", "smem_transforms", "wgmma_vector"]
 
 
 #: Shared memory one CTA may use on sm_90 (232448 B, as Mosaic GPU reports it), less
 #: room for the pipeline's barriers.
-_SMEM_BUDGET = 232448 - 2048
+SMEM_BUDGET = 232448 - 2048
 
 
 def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, tile_k: int, w4: bool,
@@ -101,9 +102,19 @@ def gpu_interpret_params():
     return InterpretGPUParams()
 
 
-def _transforms(minor_elems: int, bits: int):
+def smem_transforms(minor_elems: int, bits: int):
+    """Tiling + swizzle of a shared-memory tile whose rows hold ``minor_elems`` values of ``bits``
+    bits: the largest swizzle dividing the row (128 bytes where it fits)."""
     swizzle = plgpu.find_swizzle(minor_elems * bits)
     return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def wgmma_vector(ref, reduced_dim: int, *, interpret, gmem: bool = False):
+    """A row (``reduced_dim=1``) / column (0) vector of scales or bias in the layout that
+    broadcasts over a WGMMA accumulator.  (The GPU interpreter has no rule for ``plgpu.load``.)"""
+    if interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
 
 def device_num_sms() -> int:
@@ -303,20 +314,15 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
         grouped=grouped, rank=r, out_slots=num_out_slots * epi_tile_m * epi_tile_n,
         out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret), progressive=pg)
     # e.g. int4 weights with warpgroups split along M: 4 steps need 262 KB > 227 KB
-    while max_concurrent_steps > 2 and smem(max_concurrent_steps) > _SMEM_BUDGET:
+    while max_concurrent_steps > 2 and smem(max_concurrent_steps) > SMEM_BUDGET:
         max_concurrent_steps -= 1
-    in_tr = _transforms(tile_k, 8)
-    w_tr = _transforms(tile_k, 4) if w4 else in_tr
-    out_tr = _transforms(epi_tile_n, 16)
+    in_tr = smem_transforms(tile_k, 8)
+    w_tr = smem_transforms(tile_k, 4) if w4 else in_tr
+    out_tr = smem_transforms(epi_tile_n, 16)
     has_bias = bias is not None
     shape = (tile_m, tile_n)
 
-    def vec_load(ref, reduced_dim, gmem=False):
-        """A row/column vector of scales or bias in the layout that broadcasts over the
-        WGMMA accumulator.  (The GPU interpreter has no rule for ``plgpu.load``.)"""
-        if interpret:
-            return ref[...]
-        return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
+    vec_load = functools.partial(wgmma_vector, interpret=interpret)
 
     def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, g_gmem, r_gmem,
                wz_gmem, wsg_gmem, out_gmem):
@@ -346,8 +352,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
             pl.run_scoped,
             pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*pipe_in),
             out_smem=plgpu.SMEM((2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_tr),
-            lr_smem=(plgpu.SMEM((2, tile_m, r), jnp.bfloat16, transforms=_transforms(r, 16)),
-                     plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=_transforms(r, 16)))
+            lr_smem=(plgpu.SMEM((2, tile_m, r), jnp.bfloat16, transforms=smem_transforms(r, 16)),
+                     plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=smem_transforms(r, 16)))
             if has_lr else None,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
             w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 or pg else None,

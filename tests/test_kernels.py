@@ -465,6 +465,6 @@ def test_mosaic_ws_smem_budget_fits_int4_with_m_split():
     cfg = dict(cta_m=256, cta_n=128, tile_m=128, tile_n=128, tile_k=128, w4=True, grouped=False, rank=0,
                out_slots=2 * 64 * 64, out_bytes=2)
     assert mk.smem_bytes(4, **cfg) == 262208 - 64
-    assert mk.smem_bytes(3, **cfg) <= mk._SMEM_BUDGET < mk.smem_bytes(4, **cfg)
+    assert mk.smem_bytes(3, **cfg) <= mk.SMEM_BUDGET < mk.smem_bytes(4, **cfg)
     # the int8 kernel at the same tiles (run on the GPU with 4 stages) fits as it is
-    assert mk.smem_bytes(4, **{**cfg, "w4": False}) <= mk._SMEM_BUDGET
+    assert mk.smem_bytes(4, **{**cfg, "w4": False}) <= mk.SMEM_BUDGET
