@@ -65,7 +65,8 @@ RECIPE_OF = {"w8a8": "dynamic-w8a8", "w8a8-xla": "dynamic-w8a8", "w4a8": "dynami
 RANK = 32
 
 
-def method_policy(method: str, *, small_m: int | None = None, interpret: bool = False) -> backend.Policy:
+def method_policy(method: str, *, small_m: int | None = None, interpret: bool = False,
+                  fuse_epilogue: bool = True, fuse_residual: bool = False) -> backend.Policy:
     """How ``method``'s layers execute: the kernels (``-unfused``: the Hopper GEMM without the
     low-rank accumulator), XLA's integer dot for ``w8a8-xla``, the float model as it is.
     ``small_m``: rows up to which a layer takes XLA's integer path (None: the policy's 64)."""
@@ -74,7 +75,8 @@ def method_policy(method: str, *, small_m: int | None = None, interpret: bool = 
         return backend.policy("reference", **kw)
     if method == "w8a8-xla":
         return backend.policy("integer", **kw)
-    return backend.policy("kernels", fuse_lowrank=not method.endswith("-unfused"), interpret=interpret, **kw)
+    return backend.policy("kernels", fuse_lowrank=not method.endswith("-unfused"), interpret=interpret,
+                          fuse_epilogue=fuse_epilogue, fuse_residual=fuse_residual, **kw)
 
 
 def build_params(shapes, key, convert, std=0.02):
@@ -212,10 +214,20 @@ def main():
                     help="Policy.small_m: rows up to which a layer takes XLA's integer path (default 64)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script: the model family at a tiny width and depth, kernels interpreted")
+    ap.add_argument("--no-fuse-epilogue", action="store_true",
+                    help="Policy.fuse_epilogue=False: the blocks' GELU / gate · y + residual by XLA after the GEMMs")
+    ap.add_argument("--fuse-residual", action="store_true",
+                    help="Policy.fuse_residual=True: gate · y + residual in the GEMM epilogues too, not only the GELU "
+                         "(the rows of bench/results/epilogue_defaults_h200.jsonl ran before this flag: there it was "
+                         "the default and --no-fuse-residual turned it off)")
+    ap.add_argument("--no-dot-merger", action="store_true",
+                    help="compile the step with XLA's dot merger off (measured in bench/results/dit_dot_merger_h200.jsonl, "
+                         "whose rows ran before this flag: there --dot-merger turned it on)")
     quiet_gpu.add_arguments(ap)
     args = ap.parse_args()
     quiet = quiet_gpu.from_args(args)
-    pol = method_policy(args.method, small_m=args.small_m_xla, interpret=args.smoke)
+    pol = method_policy(args.method, small_m=args.small_m_xla, interpret=args.smoke,
+                        fuse_epilogue=not args.no_fuse_epilogue, fuse_residual=args.fuse_residual)
 
     t0 = time.time()
     key = jax.random.PRNGKey(0)
@@ -238,7 +250,8 @@ def main():
                "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --weights-only --out OUT"
                           + smoke}
         return emit(dict(row, smoke=True) if args.smoke else row, args.out)
-    f = jax.jit(step)
+    options = {"xla_disable_hlo_passes": "dot-merger"} if args.no_dot_merger else {}
+    f = jax.jit(step, compiler_options=options or None)
     t = jnp.full((1,), 500, jnp.int32)
     out, compile_s, times, peak = time_step(f, params, x, t, args.reps, quiet)
     print(f"compiled in {compile_s:.1f} s, step {1e3 * float(np.median(times)):.3f} ms", file=sys.stderr, flush=True)
@@ -249,10 +262,15 @@ def main():
            "peak_device_bytes": peak, "out_finite": bool(jnp.isfinite(out).all()),
            "out_abs_mean": float(jnp.abs(out.astype(jnp.float32)).mean()),
            "small_m_xla": pol.small_m, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "fuse_epilogue": pol.fuse_epilogue, "fuse_residual": pol.fuse_residual,
+           "compiler_options": options,
            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "reps": args.reps,
            "command": f"python bench/bench_e2e.py --model {args.model} --method {args.method} --out OUT"
                       + f" --attention {args.attention}" + (" --profile" if args.profile else "")
-                      + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}") + smoke}
+                      + ("" if args.small_m_xla is None else f" --small-m-xla {args.small_m_xla}")
+                      + (" --no-fuse-epilogue" if args.no_fuse_epilogue else "")
+                      + (" --fuse-residual" if args.fuse_residual else "")
+                      + (" --no-dot-merger" if args.no_dot_merger else "") + smoke}
     if quiet.report is not None:
         row["quiet_gpu"] = quiet.report
     if args.smoke:

@@ -206,6 +206,16 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         variants["mgpu_ws_w8a8_lr32_inacc"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
             a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, config=hcfg(lr_in_acc=True))),
             (xq, wt, sx, sw, bias, xl1, l2))
+        # the low-rank tiles in their own SMEM (the kernel's default before lr_smem="alias"):
+        # at tile_n 128 the pipeline drops to 3 stages; "_s3" is the plain kernel at that depth
+        variants["mgpu_ws_w8a8_lr32_fused_sep"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, config=hcfg(lr_smem="separate"))),
+            (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w8a8_lr32_inacc_sep"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, config=hcfg(lr_in_acc=True, lr_smem="separate"))),
+            (xq, wt, sx, sw, bias, xl1, l2))
+        variants["mgpu_ws_w8a8_s3"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, config=hcfg(max_concurrent_steps=3))), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
             ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)
             + jnp.dot(xa, ll, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)),

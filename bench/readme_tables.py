@@ -132,7 +132,17 @@ def _label(r: dict) -> str:
     if r.get("framework") == "pytorch":
         return f"PyTorch {r['mode']}"
     att = r.get("attention")
-    return f"jaxdq {r.get('quant') or r.get('method')}" + (f", {att} attention" if att else "")
+    method = r.get("quant") or r.get("method")
+    flags = [f"{att} attention"] if att else []
+    if r.get("fuse_epilogue") is False and method != "bf16":
+        flags.append("epilogue by XLA")
+    elif r.get("fuse_residual") and method != "bf16":
+        flags.append("gate · y + residual in the GEMMs too")
+    if r.get("compiler_options", {}).get("xla_disable_hlo_passes") == "dot-merger":
+        flags.append("dot merger off")
+    if r.get("small_m_xla") not in (None, 64):
+        flags.append(f"XLA int8 path ≤ {r['small_m_xla']} rows")
+    return f"jaxdq {method}" + "".join(f", {f}" for f in flags)
 
 
 def _steps(rows: list) -> str:
@@ -227,8 +237,33 @@ def _attention_kernel(d: dict) -> str:
     return "\n".join(out) + f"\n\n{d.get('device', '')}, jax {d.get('jax', '')}, CUPTI kernel time; `{d.get('command', '')}`.\n"
 
 
+def _twinlog(d: dict) -> str:
+    """``bench/bench_twinlog.py`` JSON: per layer shape, µs of XLA bf16, the uniform W4A8 GEMM
+    (Pallas-Triton), the twin-log GEMMs (Pallas-Triton; Mosaic GPU at its default tiling and at its fastest
+    tiling measured) and each one's speed relative to bf16."""
+    by = {}
+    for r in d["rows"]:
+        by.setdefault((r["model"], r["layer"], r["shape"]), {})[r["variant"]] = r["time_ms"]
+    out = ["| layer | M×K×N | XLA bf16 µs | uniform W4A8 GEMM µs (× bf16) | twin-log Triton µs (× bf16) "
+           "| twin-log Hopper µs (× bf16) | fastest Hopper tiling µs (× bf16) |", "|---|---|---:|---:|---:|---:|---|"]
+    for (model, layer, shape), t in by.items():
+        b = t.get("xla_bf16")
+        cell = lambda v: f"{1e3 * t[v]:.1f} ({b / t[v]:.2f}×)" if v in t and b else "—"  # noqa: E731
+        hop = {k: v for k, v in t.items() if k.startswith("gemm_twinlog_hopper_w4a8")}
+        best = min(hop, key=hop.get) if hop else None
+        tiling = best[len("gemm_twinlog_hopper_w4a8"):].lstrip("_") or "default" if best else ""
+        out.append(f"| {model} {layer} | {shape} | {1e3 * b:.1f} | {cell('gemm_triton_w4a8')} "
+                   f"| {cell('gemm_twinlog_w4a8')} | {cell('gemm_twinlog_hopper_w4a8')} "
+                   f"| {cell(best) + f' `{tiling}`' if best else '—'} |")
+    m = d.get("meta", {})
+    hm = m.get("hopper_main_loop_instruction", {})
+    instr = f" Hopper main loop: `{hm['from_code']}`." if hm.get("from_code") else ""
+    return "\n".join(out) + f"\n\n{m.get('device', '')}, jax {m.get('jax', '')}, median of {m.get('reps', '')};{instr} `{m.get('command', '')}`.\n"
+
+
 RENDERERS = {"attention": _attention, "compare": _compare, "compare-order": _ordering, "compare-times": _times, "hadamard": _hadamard,
-             "steps": _steps, "progressive": _progressive, "gemm8": _gemm8, "attention-kernel": _attention_kernel}
+             "steps": _steps, "progressive": _progressive, "gemm8": _gemm8, "attention-kernel": _attention_kernel,
+             "twinlog": _twinlog}
 
 
 def render(kind: str, path: str) -> str:

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from jaxdq.quant.layers import (ConvGeometry, FloatConv, FloatLinear, QConv, QLi
                                 forward, map_layers)
 
 MODES = ("reference", "integer", "kernels")
+
 GEMMS = ("auto", "triton", "hopper")
 CONV_IMPLS = ("xla", "im2col")
 
@@ -76,6 +77,14 @@ class Policy:
     fuse_norm: mode "kernels": a quantized linear reading ``norm(x)·(1+scale)+shift`` takes
       the fused norm → quantize kernel (:func:`fuse_norm`); False: ``h`` by XLA, then the
       separate quantize kernel (the baseline the fused path is measured against).
+    fuse_epilogue: mode "kernels" on the Hopper GEMM: what a model asks to follow a linear
+      (an :class:`Epilogue`: GELU, ``residual + gate · y``) runs in the GEMM's epilogue where
+      :func:`fuse_epilogue` allows; False: by XLA after the GEMM.
+    fuse_residual: with ``fuse_epilogue``, also an epilogue with a gate or a residual (DiT's
+      ``x + gate · proj(h)``); False (default): only activation-only epilogues (fc1's GELU).
+      The gate / residual fragments load uncoalesced after the main loop: on an H200
+      (bench/results/epilogue_defaults_h200.jsonl, kernel time) FLUX.1 W8A8 93.9 ms with the
+      GELU alone in the GEMMs vs 100.7 with gate and residual too, PixArt-Σ 30.0 vs 30.2.
     """
 
     mode: str = "reference"
@@ -85,6 +94,8 @@ class Policy:
     interpret: bool = False
     conv: str = "xla"
     fuse_norm: bool = True
+    fuse_epilogue: bool = True
+    fuse_residual: bool = False
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -129,17 +140,85 @@ def bind(params: Mapping, pol: Policy) -> Mapping:
     return map_layers(params, wrap)
 
 
-def linear(node: Any, x: jax.Array) -> jax.Array:
+EPILOGUE_ACTS = (None, "gelu_tanh")
+
+
+@struct.dataclass
+class Epilogue:
+    """What a model applies to a linear's output ``y [N, T, C_out]`` right after it:
+    ``out = residual + gate · act(y)`` (each term optional), by the same ops the models
+    used inline (:meth:`apply`), or inside the GEMM (:func:`fuse_epilogue`).
+
+    act: None or "gelu_tanh" (``jax.nn.gelu(·, approximate=True)``; static).
+    gate: ``[N, C_out]`` per sample (DiT's ``gate_msa``/``gate_mlp``), or None.
+    residual: ``[N, T, C_out]`` (the residual stream), or None.
+    """
+
+    gate: Any = None
+    residual: Any = None
+    act: Any = struct.field(pytree_node=False, default=None)
+
+    def __post_init__(self):
+        if self.act not in EPILOGUE_ACTS:
+            raise ValueError(f"epilogue act must be one of {EPILOGUE_ACTS}, got {self.act!r}")
+
+    def apply(self, y: jax.Array) -> jax.Array:
+        """``residual + gate · act(y)`` by XLA."""
+        if self.act == "gelu_tanh":
+            y = jax.nn.gelu(y, approximate=True)
+        if self.gate is not None:
+            g = self.gate
+            y = g.reshape(g.shape[0], *(1,) * (y.ndim - 2), g.shape[-1]) * y
+        if self.residual is not None:
+            y = self.residual + y
+        return y
+
+    def without_act(self) -> "Epilogue":
+        return self.replace(act=None)
+
+
+def linear(node: Any, x: jax.Array, epilogue: Optional[Epilogue] = None) -> jax.Array:
     """``y = layer(x)`` for whatever a linear module's params are (float dict, typed layer,
-    or a :class:`Bound` one).  ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``."""
+    or a :class:`Bound` one), then ``epilogue`` (:class:`Epilogue`; fused into the GEMM
+    where :func:`fuse_epilogue` allows).  ``x [..., C_in]`` → ``[..., C_out]`` in ``x.dtype``."""
     if isinstance(node, Bound):
-        return execute(node.layer, x, node.policy)
+        return execute(node.layer, x, node.policy, epilogue)
     layer = as_layer(node)
     if layer is None:
         raise TypeError(f"not a linear layer: {type(node).__name__}")
     if isinstance(layer, Segmented):
         raise TypeError("time-dependent layers must be resolved first (jaxdq.quant.timestep.timestep_aware)")
-    return execute(layer, x, REFERENCE)
+    return execute(layer, x, REFERENCE, epilogue)
+
+
+def fuse_epilogue(q: QLinear, x: Any, epilogue: Optional[Epilogue], pol: Policy) -> bool:
+    """Whether quantized linear ``q`` on ``x [N, T, C_in]`` (an array or anything with its
+    ``shape``/``dtype``) runs ``epilogue`` inside the Hopper GEMM
+    (:func:`pallas_kernels.int_gemm_hopper.int8_gemm_ws`'s ``activation``, ``gate``,
+    ``residual``): ``policy("kernels", fuse_epilogue=True)`` with the Hopper GEMM chosen for
+    these rows, a bf16 model (the kernel's output dtype: a float32 model keeps its float32
+    epilogue by XLA) and residual, and ``T`` a multiple of 256 (the CTA tile's rows stay in
+    one sample)."""
+    x_shape = tuple(x.shape)
+    if epilogue is None or pol.mode != "kernels" or not pol.fuse_epilogue or len(x_shape) != 3:
+        return False
+    if not pol.fuse_residual and (epilogue.gate is not None or epilogue.residual is not None):
+        return False
+    if x.dtype != jnp.bfloat16:
+        return False
+    if isinstance(q.weight, TwinLogWeight) or choose(q, math.prod(x_shape[:-1]), pol) != "kernel":
+        return False
+    if not _hopper_selected(pol) or _act_group(q) not in (0, 64, 128):
+        return False
+    if q.transform.lowrank_a is not None and not pol.fuse_lowrank:
+        return False
+    r = epilogue.residual
+    if r is not None and (r.dtype != jnp.bfloat16 or r.shape != (*x_shape[:-1], q.out_features)):
+        return False
+    g = epilogue.gate
+    if g is not None and g.shape != (x_shape[0], q.out_features):
+        return False
+    return x_shape[1] % 256 == 0
 
 
 def conv(node: Any, x: jax.Array, geom: ConvGeometry) -> jax.Array:
@@ -314,8 +393,20 @@ def fuse_norm(node: Any, x_shape: tuple, batch: int) -> bool:
     return supported(m, k, m // batch, had_block=had, l1_rank=-(-rank // 16) * 16, block_m=cfg.block_m)
 
 
-def execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
-    """Run one linear layer on ``x [..., C_in]`` under ``pol``."""
+def execute(layer: Any, x: jax.Array, pol: Policy, epilogue: Optional[Epilogue] = None) -> jax.Array:
+    """Run one linear layer on ``x [..., C_in]`` under ``pol``, then ``epilogue``."""
+    if isinstance(layer, QLinear) and fuse_epilogue(layer, x, epilogue, pol):
+        layer.act.check_resolved()
+        e = epilogue
+        y = _kernel_forward(layer, x.reshape(-1, layer.in_features), pol,
+                            e.gate,
+                            None if e.residual is None else e.residual.reshape(-1, layer.out_features), act=e.act)
+        return y.reshape(*x.shape[:-1], layer.out_features).astype(x.dtype)
+    y = _execute(layer, x, pol)
+    return y if epilogue is None else epilogue.apply(y)
+
+
+def _execute(layer: Any, x: jax.Array, pol: Policy) -> jax.Array:
     if isinstance(layer, FloatLinear):
         return layer(x)
     if not isinstance(layer, QLinear):
@@ -352,9 +443,11 @@ def _weight_nk(q: QLinear):
 # Jitted: a model calls it once per layer with the same few shapes, and jax lowers each
 # (shapes, static config) once and calls that lowering from every site.  Without it,
 # DiT-XL/2's ~170 kernel call sites took 87 s to lower.
-@functools.partial(jax.jit, static_argnames=("pol",))
-def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
-    """The kernel path on ``x2 [M, C_in]`` → bf16 ``[M, C_out]``."""
+@functools.partial(jax.jit, static_argnames=("pol", "act"))
+def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy, gate=None, residual=None, act=None) -> jax.Array:
+    """The kernel path on ``x2 [M, C_in]`` → bf16 ``[M, C_out]``; ``gate [B, C_out]``,
+    ``residual [M, C_out]``, ``act``: an :class:`Epilogue` the Hopper GEMM fuses
+    (:func:`fuse_epilogue` checked that it can)."""
     from pallas_kernels.int_gemm import GemmConfig, int_gemm
     from pallas_kernels.quantize_act import quantize_act, quantize_config
 
@@ -381,12 +474,13 @@ def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
     zx = None if sym else outs[3]
     bias = None if q.bias is None else q.bias.astype(jnp.float32)
     w = q.weight
+    epi = dict(gate=gate, residual=residual, act=act)
     if isinstance(w, ProgressiveWeight):  # chosen only with the Hopper GEMM (choose)
-        return _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, 0, m_pad, pol)[:m]
+        return _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, 0, m_pad, pol, **epi)[:m]
     group = max(ag, w.spec.group_size if w.spec.granularity == "group" else 0)
     hopper = _hopper_selected(pol)
     if hopper and group in (0, 64, 128):
-        y = _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol)
+        y = _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol, **epi)
     else:
         y = int_gemm(codes, w.codes, sx, w.scale, bias=bias, xa=xl1, l2=l2, x_zero=zx, packed=w.packed,
                      w_kmajor=w.layout == "nk", out_dtype=jnp.bfloat16,
@@ -394,7 +488,7 @@ def _kernel_forward(q: QLinear, x2: jax.Array, pol: Policy) -> jax.Array:
     return y[:m]
 
 
-def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
+def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol, gate=None, residual=None, act=None):
     from pallas_kernels.int_gemm_hopper import (HopperGemmConfig, device_num_sms, gpu_interpret_params,
                                                 int8_gemm_ws, pick_tile_n)
 
@@ -407,8 +501,12 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
     else:
         wt, w_zero, w_gscale = _weight_nk(q), None, None
         sw = w.scale.reshape(-1) if w.spec.granularity == "channel" else w.scale
-    tile_n = None  # the kernel's default (64) with group scales or a second accumulator
-    if not (group or fuse):
+    # The low-rank product goes into the scaled accumulator (no second one, so the plain
+    # tile rule applies): +2–16% over the plain GEMM on the H200 vs +8–24% with a second
+    # accumulator at tile_n 64 (bench/results/lowrank_alias_h200.json).  (The GPU interpreter
+    # has no run_state rule: there the kernel uses the second accumulator itself.)
+    tile_n = None  # the kernel's default (64) with group scales
+    if not group:
         tile_n = pick_tile_n(m_pad, q.out_features, num_sms=device_num_sms())
     num_sms = None  # the persistent grid: one CTA per SM of the device
     if pol.interpret:
@@ -417,12 +515,12 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol):
         # output tiles (pallas_kernels/NOTES.md): one CTA per tile, at most, from the bound
         # ceil(M / 128) · N / 128 ≥ the kernel's tile count (its CTA tile is ≥ 128 × 128).
         num_sms = max(1, -(-m_pad // 128) * (q.out_features // 128))
-    cfg = HopperGemmConfig(tile_n=tile_n, num_sms=num_sms,
+    cfg = HopperGemmConfig(tile_n=tile_n, num_sms=num_sms, lr_in_acc=fuse,
                            interpret=gpu_interpret_params() if pol.interpret else None)
     y = int8_gemm_ws(codes, wt, sx if _act_group(q) else sx[:, 0], sw, bias=bias,
                      xa=xl1 if fuse else None, l2=l2 if fuse else None,
                      x_zero=None if zx is None else zx[:, 0], w_zero=w_zero, w_gscale=w_gscale,
-                     out_dtype=jnp.bfloat16, config=cfg)
+                     gate=gate, residual=residual, activation=act, out_dtype=jnp.bfloat16, config=cfg)
     if xl1 is not None and not fuse:  # low rank after the GEMM: one XLA product + add
         y = (y.astype(jnp.float32) + jnp.dot(xl1, l2.astype(jnp.bfloat16),
                                              preferred_element_type=jnp.float32)).astype(jnp.bfloat16)

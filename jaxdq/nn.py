@@ -14,7 +14,7 @@ but the statistics is kept): this is how :mod:`jaxdq.calibrate` observes activat
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -172,11 +172,19 @@ class Linear(nn.Module):
     bias_init: Any = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, epilogue: Optional[backend.Epilogue] = None) -> jax.Array:
+        """``x [..., C_in]`` → ``[..., C_out]``, then ``epilogue`` (a :class:`jaxdq.backend.Epilogue`:
+        ``residual + gate · act(y)``, fused into the GEMM where the backend allows)."""
         if isinstance(x, NormInput):  # a normalized input whose fused path may hold this layer's output
             y = x.output_for(self.path)
             if y is not None:
-                return y
+                if epilogue is None:
+                    return y
+                applied = x.act_for(self.path)
+                if applied is not None and applied != epilogue.act:
+                    raise ValueError(f"{'/'.join(self.path)}: output has activation {applied!r}, "
+                                     f"the epilogue asks for {epilogue.act!r}")
+                return (epilogue.without_act() if applied else epilogue).apply(y)
             x = x.value()
         if self.is_initializing():
             p = {"kernel": self.param("kernel", self.kernel_init, (x.shape[-1], self.features))}
@@ -188,4 +196,4 @@ class Linear(nn.Module):
             _update_stats(self, x)
         if self.is_mutable_collection(ACT_SAMPLES):
             _store_samples(self, x)
-        return linear(p, x)
+        return backend.linear(p, x, epilogue)

@@ -108,10 +108,11 @@ class NormInput:
     policy).  Quacks like ``h`` where the models need it (``shape``, ``dtype``, ``ndim``);
     :meth:`value` computes ``h`` the reference way (once)."""
 
-    def __init__(self, x, norm, shift, scale, weight, bias, outputs: dict):
+    def __init__(self, x, norm, shift, scale, weight, bias, outputs: dict, acts: Optional[dict] = None):
         self._args = (x, norm, shift, scale, weight, bias)
         self._value = None
         self.outputs = outputs  # {absolute module path tuple: [..., C_out] array}
+        self.acts = acts or {}  # {path: the activation already applied to that output}
         self.shape, self.dtype, self.ndim = x.shape, x.dtype, x.ndim
 
     def value(self) -> jax.Array:
@@ -121,6 +122,10 @@ class NormInput:
 
     def output_for(self, path: tuple) -> Optional[jax.Array]:
         return self.outputs.get(tuple(path))
+
+    def act_for(self, path: tuple) -> Optional[str]:
+        """The activation (:class:`jaxdq.backend.Epilogue` ``act``) that output already has."""
+        return self.acts.get(tuple(path))
 
     def astype(self, dtype):
         return self.value().astype(dtype)
@@ -137,9 +142,13 @@ def _node(params: Any, rel: str):
 
 
 def norm_linear(module, x: jax.Array, norm: Norm, *, shift: Optional[jax.Array] = None,
-                scale: Optional[jax.Array] = None, linears: Sequence[str] = (), weight=None, bias=None):
+                scale: Optional[jax.Array] = None, linears: Sequence[str] = (), weight=None, bias=None,
+                acts: Optional[dict] = None):
     """The input ``h = (norm(x)·weight + bias)·(1 + scale) + shift`` of the linears ``linears``
     (module paths relative to ``module``, e.g. ``("attn/to_q", "attn/to_k", "attn/to_v")``).
+    ``acts``: ``{path: "gelu_tanh"}``, the activation the model applies to that linear's output
+    (its ``Linear(...)(h, epilogue=Epilogue(act=...))``): a fused output gets it in the GEMM's
+    epilogue, and the Linear then applies only the rest of its epilogue.
 
     Called inside ``module``'s compact method; ``x [N, T, D]``; ``shift``/``scale`` per sample
     ``[N, D]`` (or ``[N, 1, D]``), or None; ``weight``/``bias`` an affine norm's ``[D]``.
@@ -154,12 +163,16 @@ def norm_linear(module, x: jax.Array, norm: Norm, *, shift: Optional[jax.Array] 
     nodes = [_node(params, rel) for rel in linears]
     if not any(isinstance(n, backend.Bound) and n.policy.mode == "kernels" for n in nodes):
         return reference_input(x, norm, shift, scale, weight, bias)
-    outs = norm_linears(x, norm, nodes, shift=shift, scale=scale, weight=weight, bias=bias)
+    acts = acts or {}
+    outs = norm_linears(x, norm, nodes, shift=shift, scale=scale, weight=weight, bias=bias,
+                        acts=tuple(acts.get(rel) for rel in linears))
     base = tuple(module.path)
-    found = {base + tuple(rel.split("/")): y for rel, y in zip(linears, outs) if y is not None}
+    key = lambda rel: base + tuple(rel.split("/"))  # noqa: E731
+    found = {key(rel): y for rel, y in zip(linears, outs) if y is not None}
     if not found:
         return reference_input(x, norm, shift, scale, weight, bias)
-    return NormInput(x, norm, shift, scale, weight, bias, found)
+    return NormInput(x, norm, shift, scale, weight, bias, found,
+                     {key(rel): acts.get(rel) for rel in linears if key(rel) in found})
 
 
 # --------------------------------------------------------------------------- the fused path
@@ -176,9 +189,11 @@ def _group_key(q: QLinear):
 
 
 def norm_linears(x: jax.Array, norm: Norm, nodes: Sequence[Any], *, shift=None, scale=None, weight=None,
-                 bias=None) -> list[Optional[jax.Array]]:
+                 bias=None, acts: Optional[Sequence[Optional[str]]] = None) -> list[Optional[jax.Array]]:
     """The outputs ``[..., C_out]`` (``x.dtype``) of the linears ``nodes`` that the fused path
-    computes on ``h = (norm(x)·weight + bias)·(1 + scale) + shift``; None for the others."""
+    computes on ``h = (norm(x)·weight + bias)·(1 + scale) + shift``, each with its activation
+    ``acts[i]`` applied (None: none); None for the others."""
+    acts = tuple(acts) if acts is not None else (None,) * len(nodes)
     n, k = x.shape[0], x.shape[-1]
     batch = n if (shift is not None or scale is not None) else 1
     outs: list[Optional[jax.Array]] = [None] * len(nodes)
@@ -189,20 +204,26 @@ def norm_linears(x: jax.Array, norm: Norm, nodes: Sequence[Any], *, shift=None, 
             groups.setdefault(("own", i) if key is None else key, []).append(i)
     rows = lambda v: None if v is None else jnp.asarray(v).reshape(-1, k)  # noqa: E731
     x2 = x.reshape(-1, k)
+    # the GEMMs' bf16 outputs get their activation there only in a bf16 model (as backend.execute's)
+    in_gemm = x.dtype == jnp.bfloat16
     for idx in groups.values():
         pol = nodes[idx[0]].policy
         ys = _fused_group(tuple(nodes[i].layer for i in idx), x2, rows(scale), rows(shift), weight, bias,
-                          norm=norm, pol=pol)
+                          norm=norm, pol=pol, acts=tuple(acts[i] if in_gemm else None for i in idx))
         for i, y in zip(idx, ys):
-            outs[i] = y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
+            y = y.reshape(*x.shape[:-1], y.shape[-1]).astype(x.dtype)
+            outs[i] = y if in_gemm else backend.Epilogue(act=acts[i]).apply(y)
     return outs
 
 
-@functools.partial(jax.jit, static_argnames=("norm", "pol"))
-def _fused_group(layers: tuple, x2: jax.Array, scale, shift, weight, bias, *, norm: Norm, pol) -> tuple:
+@functools.partial(jax.jit, static_argnames=("norm", "pol", "acts"))
+def _fused_group(layers: tuple, x2: jax.Array, scale, shift, weight, bias, *, norm: Norm, pol,
+                 acts: tuple = ()) -> tuple:
     """One fused norm-quantize launch for ``layers`` (one shared input transform), then one
-    GEMM each; ``x2 [M, K]`` → a tuple of ``[M, C_out]`` bf16.  Jitted: lowered once per
-    (shapes, norm, policy) and called from every block."""
+    GEMM each (with activation ``acts[i]``, None: none); ``x2 [M, K]`` → a tuple of
+    ``[M, C_out]`` bf16.  Jitted: lowered once per (shapes, norm, policy) and called from
+    every block."""
+    acts = acts or (None,) * len(layers)
     from pallas_kernels.norm_quantize import fold_modulation, norm_quantize, norm_quantize_config
 
     m, k = x2.shape
@@ -231,22 +252,23 @@ def _fused_group(layers: tuple, x2: jax.Array, scale, shift, weight, bias, *, no
     codes, sx, xl1_all = norm_quantize(x2, mul, add, norm=norm.kind, eps=norm.eps, bits=q0.act.spec.bits, fmt=fmt,
                                        had_block=had, l1=l1_all, config=cfg)
     outs, off = [], 0
-    for q, l1, l2 in zip(layers, l1s, l2s):
+    for q, l1, l2, act in zip(layers, l1s, l2s, acts):
         xl1 = None
         if l1 is not None:
             xl1 = xl1_all[:, off:off + l1.shape[1]]
             off += l1.shape[1]
         if fmt == "int" or pol.gemm == "hopper":  # int8 GEMMs; FP8 through the Mosaic GPU e4m3 wgmma
-            outs.append(_gemm(q, codes, sx, xl1, l2, pol))
+            outs.append(_gemm(q, codes, sx, xl1, l2, pol, act))
         else:  # FP8 (gemm "auto"/"triton"): XLA's fp8 dot
-            outs.append(_fp8_product(q, codes, sx, xl1, l2))
+            outs.append(backend.Epilogue(act=act).apply(_fp8_product(q, codes, sx, xl1, l2)))
     return tuple(outs)
 
 
-def _gemm(q: QLinear, codes, sx, xl1, l2, pol) -> jax.Array:
+def _gemm(q: QLinear, codes, sx, xl1, l2, pol, act=None) -> jax.Array:
     """The integer GEMM of ``backend._kernel_forward`` after its quantize step (same
     dispatch: Mosaic GPU wgmma on Hopper, Pallas-Triton otherwise; FP8 codes only reach it
-    with ``gemm="hopper"``: the e4m3 wgmma variant of the same kernel); ``[M, C_out]`` bf16."""
+    with ``gemm="hopper"``: the e4m3 wgmma variant of the same kernel), then ``act`` (in the
+    Hopper epilogue under ``fuse_epilogue``); ``[M, C_out]`` bf16."""
     from pallas_kernels.int_gemm import GemmConfig, int_gemm
 
     m = codes.shape[0]
@@ -260,13 +282,16 @@ def _gemm(q: QLinear, codes, sx, xl1, l2, pol) -> jax.Array:
     w = q.weight
     group = w.spec.group_size if w.spec.granularity == "group" else 0
     hopper = pol.gemm == "hopper" or (pol.gemm == "auto" and not pol.interpret and backend._is_hopper())
+    in_kernel = hopper and group in (0, 64, 128) and pol.fuse_epilogue and (xl1 is None or pol.fuse_lowrank)
     if hopper and group in (0, 64, 128):
-        y = backend._hopper_gemm(q, codes, sx, None, xl1, l2, bias, group, m_pad, pol)
+        y = backend._hopper_gemm(q, codes, sx, None, xl1, l2, bias, group, m_pad, pol,
+                                 act=act if in_kernel else None)
     else:
         y = int_gemm(codes, w.codes, sx, w.scale, bias=bias, xa=xl1, l2=l2, packed=w.packed,
                      w_kmajor=w.layout == "nk", out_dtype=jnp.bfloat16,
                      config=GemmConfig(block_m=bm, interpret=pol.interpret))
-    return y[:m]
+    y = y[:m]
+    return y if in_kernel or act is None else backend.Epilogue(act=act).apply(y)
 
 
 def _fp8_product(q: QLinear, codes, sx, xl1, l2) -> jax.Array:

@@ -34,6 +34,13 @@ Ops:
   weight) → bf16 tensor-core dot, f32 accumulation, ``acc · sx + bias``;
   ``twinlog_gemm_config``, ``kernel_table``; references ``twinlog_gemm_reference``,
   ``decode_twinlog_reference``.
+* :mod:`pallas_kernels.twinlog_gemm_hopper` (Mosaic GPU, sm_90a): ``twinlog_gemm_hopper(xq, sx,
+  wt, consts, *, bias, config=TwinLogHopperConfig())``: the twin-log GEMM as a warp-specialized
+  persistent kernel: ``jnp.int4 [N, K]`` log codes decoded in registers without ``ex2`` (bit
+  selects and three multiplies by per-column constants) to a bf16 SMEM tile, optionally shared
+  by both consumer warpgroups, bf16 wgmma into f32, ``acc · sx + bias``;
+  ``twinlog_hopper_config``, ``twinlog_hopper_operands``, ``decode_constants``; references
+  ``twinlog_gemm_hopper_reference``, ``decode_twinlog_hopper_reference``.
 * :mod:`pallas_kernels._common`: ``sylvester_pm1``, ``pow2_divisor``,
   ``triton_compiler_params``, ``unpack_int4_reference``, ``weight_colsum``.
 
@@ -67,3 +74,9 @@ except ImportError:  # pragma: no cover
 else:
     __all__ += ["HopperGemmConfig", "int8_gemm_ws", "pick_tile_n", "device_num_sms", "gpu_interpret_params",
                 "smem_bytes"]
+    try:
+        from pallas_kernels.twinlog_gemm_hopper import TwinLogHopperConfig, twinlog_hopper_config
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        __all__ += ["TwinLogHopperConfig", "twinlog_hopper_config"]

@@ -36,11 +36,12 @@ def int_gemm_reference(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Arra
                        l2: Optional[jax.Array] = None, residual: Optional[jax.Array] = None,
                        gate: Optional[jax.Array] = None, x_zero: Optional[jax.Array] = None,
                        w_colsum: Optional[jax.Array] = None, packed: bool = False, w_kmajor: bool = False,
-                       out_dtype=jnp.bfloat16) -> jax.Array:
+                       activation: Optional[str] = None, out_dtype=jnp.bfloat16) -> jax.Array:
     """Integer GEMM with fused epilogue: the reference (float32 math).
 
     ``y = Σ_g (xq[:, g] @ W[g]) · sx · sw[g] + bias + xa @ l2``, then
-    ``out = residual + gate · y`` (each term optional).  With asymmetric activations
+    ``out = residual + gate · act(y)`` (each term optional; ``activation`` "gelu_tanh":
+    ``jax.nn.gelu(y, approximate=True)`` in float32).  With asymmetric activations
     (``x_zero``, per token, one scale group): ``y = (xq @ W - x_zero ⊗ colsum(W)) · sx · sw + ...``
     = ``((xq - x_zero) @ W) · sx · sw + ...``, the zero-point correction.
 
@@ -92,6 +93,10 @@ def int_gemm_reference(xq: jax.Array, wq: jax.Array, sx: jax.Array, sw: jax.Arra
     if xa is not None:
         y = y + jnp.dot(xa.astype(jnp.float32), l2.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
+    if activation == "gelu_tanh":
+        y = jax.nn.gelu(y, approximate=True)
+    elif activation is not None:
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     if gate is not None:
         reps = m // gate.shape[0]
         y = y * jnp.repeat(gate.astype(jnp.float32), reps, axis=0)

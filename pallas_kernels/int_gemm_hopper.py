@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -42,7 +43,7 @@ from pallas_kernels.int_gemm import int_gemm_reference
 
 __all__ = ["HopperGemmConfig", "int8_gemm_ws", "int_gemm_reference", "pick_tile_n", "device_num_sms",
            "gpu_interpret_params", "smem_bytes", "progressive_expand_reference", "progressive_gemm_reference",
-           "SMEM_BUDGET", "smem_transforms", "wgmma_vector"]
+           "SMEM_BUDGET", "smem_transforms", "wgmma_vector", "lowrank_alias_rows"]
 
 
 #: Shared memory one CTA may use on sm_90 (232448 B, as Mosaic GPU reports it), less
@@ -50,17 +51,39 @@ __all__ = ["HopperGemmConfig", "int8_gemm_ws", "int_gemm_reference", "pick_tile_
 SMEM_BUDGET = 232448 - 2048
 
 
+def lowrank_alias_rows(*, tile_m: int, tile_n: int, rank: int, store_tile: int, slots: int,
+                       out_bytes: int) -> tuple[int, int]:
+    """``(rows, slots)``: one consumer's low-rank operand buffer ``[rows, rank]`` bf16 (its
+    ``xa`` tile in rows ``[0, tile_m)``, its ``l2ᵀ`` tile in ``[tile_m, tile_m + tile_n)``)
+    and its epilogue buffer of ``slots`` store tiles of ``store_tile`` elements (at least the
+    ``slots`` it uses), padded to the same bytes, so that warpgroup ``w``'s two views of the
+    aliased shared memory (``plgpu.RefUnion``) cover the same byte range and neither
+    warpgroup's loads can overwrite the other's epilogue tiles."""
+    tile_bytes = store_tile * out_bytes
+    need = max((tile_m + tile_n) * rank * 2, slots * tile_bytes)
+    unit = math.lcm(8 * rank * 2, tile_bytes)  # whole 8-row tiles of the operand, whole store tiles
+    per_wg = -(-need // unit) * unit
+    return per_wg // (rank * 2), per_wg // tile_bytes
+
+
 def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, tile_k: int, w4: bool,
                grouped: bool, rank: int, out_slots: int, out_bytes: int, interpret: bool = False,
-               progressive: bool = False) -> int:
+               progressive: bool = False, lr_alias: bool = False, store_tile: int = 0) -> int:
     """Shared memory of one :func:`int8_gemm_ws` CTA with ``steps`` pipeline stages, barriers
     aside: the X/W (and scale-row, or progressive zero/scale-row) stages, the double-buffered
-    epilogue tiles (``out_slots`` elements each), the low-rank operand tiles, the int4 → int8
+    epilogue tiles (``out_slots`` elements per warpgroup), the low-rank operand tiles (in the
+    epilogue tiles' bytes with ``lr_alias``, given ``store_tile`` elements per store tile:
+    :func:`lowrank_alias_rows`), the int4 → int8
     weight tiles, and the interpreter's transpose buffers."""
     per_step = (cta_m * tile_k + cta_n * tile_k // (2 if w4 else 1) + (4 * (cta_m + cta_n) if grouped else 0)
                 + (2 * cta_n if progressive else 0))
-    fixed = (2 * out_slots * out_bytes
-             + (2 * (tile_m + tile_n) * rank * 2 if rank else 0)
+    if rank and lr_alias:
+        rows, _ = lowrank_alias_rows(tile_m=tile_m, tile_n=tile_n, rank=rank, store_tile=store_tile,
+                                     slots=out_slots // store_tile, out_bytes=out_bytes)
+        epi = 2 * rows * rank * 2
+    else:
+        epi = 2 * out_slots * out_bytes + (2 * (tile_m + tile_n) * rank * 2 if rank else 0)
+    fixed = (epi
              + (2 * 2 * tile_n * tile_k if w4 or progressive else 0)
              + (2 * tile_k * tile_n + 2 * max(rank, 16) * tile_n * 2 if interpret else 0))
     return fixed + steps * per_step
@@ -117,6 +140,23 @@ def wgmma_vector(ref, reduced_dim: int, *, interpret, gmem: bool = False):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
 
+def store_tiles(y, out_smem, dst, wg, *, epi_m: int, epi_n: int):
+    """Write a warpgroup's ``y [tile_m, tile_n]`` (already ``out_dtype``) to ``dst`` (its HBM tile)
+    through the two ``out_smem[wg, slot]`` store tiles of ``[epi_m, epi_n]``, alternating slots
+    so one TMA store is in flight while the next tile is written.  Inside a Mosaic GPU kernel."""
+    tile_m, tile_n = y.shape
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for emi in range(tile_m // epi_m):
+        for eni in range(tile_n // epi_n):
+            es_m = slice(emi * epi_m, (emi + 1) * epi_m)
+            es_n = slice(eni * epi_n, (eni + 1) * epi_n)
+            slot = (emi * (tile_n // epi_n) + eni) % 2
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+            out_smem[wg, slot] = y[es_m, es_n]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst.at[es_m, es_n])
+
+
 def device_num_sms() -> int:
     """Streaming multiprocessors of the default device (132 on an H100 SXM when unknown)."""
     return getattr(jax.devices()[0], "core_count", None) or 132
@@ -155,6 +195,10 @@ class HopperGemmConfig:
     wg_dim: "n", "m" or "auto" (n when N divides by ``2·tile_n``).
     num_sms: CTAs of the persistent grid (None = :func:`device_num_sms`).
     lr_in_acc: add the low-rank product into the scaled f32 result (no second accumulator).
+    lr_smem: "alias" (the low-rank operand tiles share the epilogue store tiles' shared memory,
+      a ``plgpu.RefUnion``: their lifetimes are disjoint, so the pipeline keeps its depth) or
+      "separate" (their own buffers: at ``tile_n`` 128 the pipeline loses a stage).  The GPU
+      interpreter has no rule for aliased refs: interpret mode always uses "separate".
     interpret: None, or the Mosaic GPU interpreter's params (:func:`gpu_interpret_params`).
     """
 
@@ -168,17 +212,22 @@ class HopperGemmConfig:
     wg_dim: str = "auto"
     num_sms: Optional[int] = None
     lr_in_acc: bool = False
+    lr_smem: str = "alias"
     interpret: Any = None
 
+    def __post_init__(self):
+        if self.lr_smem not in ("alias", "separate"):
+            raise ValueError(f"lr_smem must be 'alias' or 'separate', got {self.lr_smem!r}")
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config"))
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "activation"))
 def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_colsum=None, gate=None,
-                 residual=None, w_zero=None, w_gscale=None, out_dtype=jnp.bfloat16,
+                 residual=None, w_zero=None, w_gscale=None, activation=None, out_dtype=jnp.bfloat16,
                  config: HopperGemmConfig = HopperGemmConfig()):
     """Persistent, warp-specialized W8A8 / W4A8 / W4A4 GEMM on Hopper (``wgmma ... .s32.s8.s8``).
 
     ``y = Σ_g (xq[:, g] @ wt[:, g].T) · sx[:, g] · sw[g] + bias + xa @ l2``,
-    ``bf16 [M, N] = residual + gate · y`` (each term optional; :func:`int_gemm_reference`)
+    ``bf16 [M, N] = residual + gate · act(y)`` (each term optional; :func:`int_gemm_reference`)
 
     Jitted (static: ``out_dtype``, ``config``; :class:`HopperGemmConfig` holds every tuning
     knob), so a model calling it from many layers of one shape lowers it once.
@@ -203,6 +252,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
       gate: ``[B, N]`` per-sample gate (DiT's ``gate_msa``/``gate_mlp``): row m uses
         ``gate[m // (M / B)]``; the tokens per sample ``M / B`` must be a multiple of the
         CTA tile's rows (128, or 256 with warpgroups split along M).  residual: ``[M, N]``.
+      activation: None or "gelu_tanh" (``jax.nn.gelu(y, approximate=True)`` on the f32 ``y``
+        in registers, before the gate; DiT's MLP fc1).
       w_zero, w_gscale: int8 ``[G, N]``: QServe's progressive-group W4A8 (reference
         :func:`progressive_gemm_reference`).  The weight the GEMM multiplies is
         ``w8 = (wt − w_zero) · w_gscale`` per group of ``K / G`` input channels (64 or 128),
@@ -250,6 +301,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     grouped = groups > 1
     has_zero = x_zero is not None
     # FP8 W8A8: float8_e4m3fn operands, an f32 accumulator (wgmma ... .f32.e4m3.e4m3), the same epilogue
+    if activation not in (None, "gelu_tanh"):
+        raise ValueError(f"activation must be None or 'gelu_tanh', got {activation!r}")
     fp8 = xq.dtype == jnp.float8_e4m3fn
     if fp8 and (wt.dtype != jnp.float8_e4m3fn or grouped or has_zero):
         raise ValueError("FP8 operands: e4m3 activations and weights, per-token × per-channel scales, no zero points")
@@ -309,10 +362,13 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
         swg = jnp.broadcast_to(sw.reshape(-1, n), (groups, n))
     m_iters, n_iters, k_iters = m // cta_m, n // cta_n, k // tile_k
     num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
+    store_tile = epi_tile_m * epi_tile_n
+    lr_alias = has_lr and config.lr_smem == "alias" and not interpret
     smem = functools.partial(
         smem_bytes, cta_m=cta_m, cta_n=cta_n, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, w4=w4,
-        grouped=grouped, rank=r, out_slots=num_out_slots * epi_tile_m * epi_tile_n,
-        out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret), progressive=pg)
+        grouped=grouped, rank=r, out_slots=num_out_slots * store_tile,
+        out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret), progressive=pg,
+        lr_alias=lr_alias, store_tile=store_tile)
     # e.g. int4 weights with warpgroups split along M: 4 steps need 262 KB > 227 KB
     while max_concurrent_steps > 2 and smem(max_concurrent_steps) > SMEM_BUDGET:
         max_concurrent_steps -= 1
@@ -348,13 +404,25 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
         ignore = lambda *_, **__: None
         pipe_in = (x_gmem, w_gmem) + ((sx_gmem, sw_gmem) if grouped else ()) + ((wz_gmem, wsg_gmem) if pg_pipe else ())
 
+        lr_tr = smem_transforms(r, 16) if has_lr else None
+        if lr_alias:  # the epilogue's store tiles and the low-rank operands in the same bytes
+            lr_rows, out_slots_alloc = lowrank_alias_rows(
+                tile_m=tile_m, tile_n=tile_n, rank=r, store_tile=store_tile, slots=num_out_slots,
+                out_bytes=jnp.dtype(out_dtype).itemsize)
+            epi_alloc = plgpu.RefUnion(
+                plgpu.SMEM((2, out_slots_alloc, epi_tile_m, epi_tile_n), out_dtype, transforms=out_tr),
+                plgpu.SMEM((2, lr_rows, r), jnp.bfloat16, transforms=lr_tr))
+            lr_alloc = None
+        else:
+            epi_alloc = plgpu.SMEM((2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_tr)
+            lr_alloc = (plgpu.SMEM((2, tile_m, r), jnp.bfloat16, transforms=lr_tr),
+                        plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=lr_tr)) if has_lr else None
+
         @functools.partial(
             pl.run_scoped,
             pipeline_allocs=get_pipeline(ignore, ignore).get_allocations(*pipe_in),
-            out_smem=plgpu.SMEM((2, num_out_slots, epi_tile_m, epi_tile_n), out_dtype, transforms=out_tr),
-            lr_smem=(plgpu.SMEM((2, tile_m, r), jnp.bfloat16, transforms=smem_transforms(r, 16)),
-                     plgpu.SMEM((2, tile_n, r), jnp.bfloat16, transforms=smem_transforms(r, 16)))
-            if has_lr else None,
+            out_smem=epi_alloc,
+            lr_smem=lr_alloc,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
             w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 or pg else None,
             tr_smem=(plgpu.SMEM((2, tile_k, tile_n), code_dt), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
@@ -362,6 +430,12 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
             collective_axes="wg")
         def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem, tr_smem):
             wg = lax.axis_index("wg")
+            if lr_alias:  # this warpgroup's xa rows, then its l2ᵀ rows, in its epilogue bytes
+                out_smem, lr_buf = out_smem
+                lr_views = lambda: (lr_buf.at[wg].at[pl.ds(0, tile_m)],  # noqa: E731
+                                    lr_buf.at[wg].at[pl.ds(tile_m, tile_n)])
+            elif has_lr:
+                lr_views = lambda: (lr_smem[0].at[wg], lr_smem[1].at[wg])  # noqa: E731
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _mn_loop(info):
@@ -383,7 +457,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                         plgpu.barrier_wait(lr_bar.at[2 * wg])
                         plgpu.barrier_wait(lr_bar.at[2 * wg + 1])
 
-                        a_lr, b_lr = lr_smem[0].at[wg], k_by_n(lr_smem[1].at[wg], 1)
+                        a_lr, l2t = lr_views()
+                        b_lr = k_by_n(l2t, 1)
                         if lr_in_acc and not interpret:
                             # accumulate (X L1) L2 into y itself: no second accumulator, so
                             # the register budget allows tile_n = 128
@@ -397,6 +472,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                                 plgpu.wgmma_wait(0)
                                 return lr_ref[...]
                             y = y + _lr
+                    if activation == "gelu_tanh":
+                        y = jax.nn.gelu(y, approximate=True)
                     if has_gate:  # the CTA tile lies in one sample (checked above)
                         b_idx = jnp.minimum((mi * cta_m) // tokens, batch - 1)  # padded rows: the last
                         grow = vec_load(g_gmem.at[pl.ds(b_idx * n, n)].at[cn].at[wn], 0, gmem=True)
@@ -406,18 +483,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                         res = r_tile[...] if interpret else plgpu.load(
                             r_tile, (), layout=plgpu.Layout.WGMMA, optimized=False)
                         y = y + res.astype(jnp.float32)
-                    y = y.astype(out_dtype)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    for emi in range(tile_m // epi_tile_m):
-                        for eni in range(tile_n // epi_tile_n):
-                            es_m = slice(emi * epi_tile_m, (emi + 1) * epi_tile_m)
-                            es_n = slice(eni * epi_tile_n, (eni + 1) * epi_tile_n)
-                            slot = (emi * (tile_n // epi_tile_n) + eni) % 2
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, slot] = y[es_m, es_n]
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, slot], out_gmem.at[cm, cn].at[wm, wn].at[es_m, es_n])
+                    store_tiles(y.astype(out_dtype), out_smem, out_gmem.at[cm, cn].at[wm, wn], wg,
+                                epi_m=epi_tile_m, epi_n=epi_tile_n)
 
                 def k_by_n(ref_nk, which):
                     """A K-major ``[n, k]`` SMEM operand as wgmma's ``[k, n]`` B operand."""
@@ -430,8 +497,11 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
 
                 def start_lowrank_loads():
                     if has_lr:  # issue the low-rank tiles' loads before the main loop
-                        plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], lr_smem[0].at[wg], lr_bar.at[2 * wg])
-                        plgpu.copy_gmem_to_smem(l2t_gmem.at[cn].at[wn], lr_smem[1].at[wg], lr_bar.at[2 * wg + 1])
+                        if lr_alias:  # the previous tile's stores must have read these bytes
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        xa_dst, l2t_dst = lr_views()
+                        plgpu.copy_gmem_to_smem(xa_gmem.at[cm].at[wm], xa_dst, lr_bar.at[2 * wg])
+                        plgpu.copy_gmem_to_smem(l2t_gmem.at[cn].at[wn], l2t_dst, lr_bar.at[2 * wg + 1])
 
                 def weight_operand(kk, b_smem, z_smem=None, s_smem=None):
                     """The K-major int8 ``[tile_n, tile_k]`` weight tile in SMEM, as ``[tile_k, tile_n]``

@@ -122,6 +122,43 @@ def test_hopper_kernel_pipeline_matches_reference(case):
     assert 0 < rel < 1e-2, rel
 
 
+@pytest.mark.parametrize("act,gated", [("gelu_tanh", False), (None, True)])
+def test_hopper_epilogue_fuses_and_matches_reference(act, gated):
+    """An :class:`~jaxdq.backend.Epilogue` (DiT's ``x + gate · proj(h)`` / fc1's GELU) inside
+    the Mosaic GPU GEMM (interpreted) vs the reference linear then :meth:`Epilogue.apply` in
+    float32, and vs the same kernel path with the epilogue by XLA (``fuse_epilogue=False``)."""
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
+    if mk.gpu_interpret_params() is None:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+    pol = backend.policy("kernels", gemm="hopper", interpret=True, fuse_residual=True)
+    q = _qlinear(34, w_spec=C8, lowrank=False, smooth=False, layout="nk")
+    k = _keys(35, 3)
+    x = (jax.random.normal(k[0], (2, 256, K)) * 4).astype(jnp.bfloat16)  # 256 tokens per sample
+    gate = jax.random.normal(k[1], (2, N)).astype(jnp.bfloat16) if gated else None
+    res = jax.random.normal(k[2], (2, 256, N)).astype(jnp.bfloat16) if gated else None
+    epi = backend.Epilogue(gate=gate, residual=res, act=act)
+    assert backend.fuse_epilogue(q, x, epi, pol)
+    # not fused: an f32 residual stream or model (it would be rounded to the kernel's bf16
+    # output), a CTA tile spanning two samples, or the policy's switch
+    assert not backend.fuse_epilogue(q, x, epi.replace(residual=jnp.zeros((2, 256, N))), pol) or not gated
+    assert not backend.fuse_epilogue(q, x.astype(jnp.float32), epi, pol)
+    assert not backend.fuse_epilogue(q, jax.ShapeDtypeStruct((4, 128, K), jnp.bfloat16), epi, pol)
+    off = backend.policy("kernels", gemm="hopper", interpret=True, fuse_epilogue=False)
+    assert not backend.fuse_epilogue(q, x, epi, off)
+    act_only = backend.policy("kernels", gemm="hopper", interpret=True)  # the default: the GELU alone
+    assert backend.fuse_epilogue(q, x, epi, act_only) == (not gated)
+    got = backend.linear(backend.Bound(q, pol), x, epi)
+    assert got.shape == (2, 256, N) and got.dtype == jnp.bfloat16
+    f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
+    want = backend.Epilogue(gate=f32(gate), residual=f32(res), act=act).apply(
+        backend.execute(q, x.astype(jnp.float32), backend.REFERENCE))
+    y = _f32(x) @ _f32(q.weight.dequantize())  # sanity: GELU's curved range is used
+    assert np.abs(y).max() > 2
+    assert 0 < _rel(got, want) < 1e-2, _rel(got, want)
+    unfused = backend.linear(backend.Bound(q, off), x, epi)
+    assert _rel(got, unfused) < 1e-2
+
+
 @pytest.mark.parametrize("rows,route,case", [(2, "int", "w8_nk"), (2, "int", "w8_kn"), (2, "int", "w4_nk"),
                                              (2, "int", "w4_kn"), (64, "int", "w8_nk"), (65, "kernel", "w4_nk"),
                                              (96, "kernel", "w8_nk")])

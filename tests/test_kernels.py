@@ -403,6 +403,40 @@ def test_mosaic_ws_gate_residual_in_gpu_interpreter(m, n):
                         config=mk.HopperGemmConfig(interpret=params))
 
 
+def _gelu_tanh64(y):
+    """float64 GELU, tanh form (jax.nn.gelu(approximate=True))."""
+    return 0.5 * y * (1 + np.tanh(np.sqrt(2 / np.pi) * (y + 0.044715 * y ** 3)))
+
+
+def test_mosaic_ws_gelu_gate_residual_in_gpu_interpreter():
+    """DiT's ``x + gate · fc(GELU(h))`` composition: ``residual + gate · gelu(y)`` in the Hopper
+    epilogue, against the reference and float64 NumPy; the reference's activation follows too."""
+    mk = pytest.importorskip("pallas_kernels.int_gemm_hopper", reason="no Pallas Mosaic GPU in this jax")
+    params = mk.gpu_interpret_params()
+    if params is None:
+        pytest.skip("this jax has no Mosaic GPU interpreter")
+    m, k, n = 256, 128, 256
+    ks = _keys(131, 6)
+    xq = jax.random.randint(ks[0], (m, k), -128, 128).astype(jnp.int8)
+    w = jax.random.randint(ks[1], (k, n), -128, 128).astype(jnp.int8)
+    sx = jax.random.uniform(ks[2], (m, 1), minval=1e-3, maxval=2e-2)
+    sw = jax.random.uniform(ks[3], (1, n), minval=1e-3, maxval=2e-2)
+    gate = jax.random.normal(ks[4], (2, n)).astype(jnp.bfloat16)
+    res = jax.random.normal(ks[5], (m, n)).astype(jnp.bfloat16)
+    got = mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], gate=gate, residual=res, activation="gelu_tanh",
+                          config=mk.HopperGemmConfig(num_sms=2, interpret=params))
+    ref = mk.int_gemm_reference(xq, w, sx, sw, gate=gate, residual=res, activation="gelu_tanh")
+    _close_bf16(got, ref)
+    y64 = (np.asarray(xq, np.float64) @ np.asarray(w, np.float64)) * _f32(sx) * _f32(sw)
+    assert np.abs(y64).max() > 2  # GELU's nonlinear range is exercised, not only its linear part
+    want64 = _f32(res) + np.repeat(_f32(gate), m // 2, axis=0) * _gelu_tanh64(y64)
+    scale = np.abs(want64).max()
+    assert np.abs(_f32(got) - want64).max() <= 2 ** -6 * scale
+    assert np.abs(_f32(ref) - want64).max() <= 2 ** -7 * scale
+    with pytest.raises(ValueError, match="activation"):
+        mk.int8_gemm_ws(xq, w.T, sx[:, 0], sw[0], activation="relu", config=mk.HopperGemmConfig(interpret=params))
+
+
 @pytest.mark.parametrize("had", [0, 64])
 def test_quantize_kernel_per_group_scales(had):
     k = _keys(60 + had, 3)

@@ -38,11 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdq.backend import Epilogue
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
 from jaxdq.norm_linear import Norm, layer_norm, norm_linear
 
 FREQ_EMBED_DIM = 256  # width of the timestep sinusoid (DiT's frequency_embedding_size)
+GELU = "gelu_tanh"  # the MLP's activation (nn.gelu(approximate=True)), as an Epilogue act
 
 
 def check_transformer_dims(hidden_size: int, num_heads: int) -> None:
@@ -258,13 +260,15 @@ class Attention(nn.Module):
     impl: str = "float32"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, epilogue: Optional[Epilogue] = None) -> jax.Array:
+        """``epilogue``: what follows ``proj`` (:class:`jaxdq.backend.Epilogue`, e.g. DiT's
+        ``x + gate · proj(·)``), fused into its GEMM where the backend allows."""
         n, t, d = x.shape
         hd = d // self.num_heads
         qkv = Linear(3 * d, role="self-attn", name="qkv")(x)
         qkv = qkv.reshape(n, t, 3, self.num_heads, hd)
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.impl)
-        return Linear(d, role="self-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype))
+        return Linear(d, role="self-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype), epilogue)
 
 
 class Mlp(nn.Module):
@@ -275,9 +279,11 @@ class Mlp(nn.Module):
     role: str = "ffn"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = Linear(self.mlp_hidden, role=self.role, name="fc1")(x)
-        return Linear(self.hidden_size, role=self.role, name="fc2")(nn.gelu(h, approximate=True))
+    def __call__(self, x: jax.Array, epilogue: Optional[Epilogue] = None) -> jax.Array:
+        """``epilogue``: what follows ``fc2`` (e.g. DiT's ``x + gate · fc2(·)``); the GELU is
+        fc1's epilogue.  Both fuse into the GEMMs where the backend allows."""
+        h = Linear(self.mlp_hidden, role=self.role, name="fc1")(x, Epilogue(act=GELU))
+        return Linear(self.hidden_size, role=self.role, name="fc2")(h, epilogue)
 
 
 class DiTBlock(nn.Module):
@@ -304,10 +310,13 @@ class DiTBlock(nn.Module):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         # h = modulate(layer_norm(x), shift, scale); the quantize fuses into the norm under kernels
         h = norm_linear(self, x, Norm("layer", cfg.norm_eps), shift=shift_msa, scale=scale_msa, linears=("attn/qkv",))
-        x = x + gate_msa[:, None] * Attention(cfg.hidden_size, cfg.num_heads, cfg.attention, name="attn")(h)
+        # x + gate · proj(·) and x + gate · fc2(GELU(fc1(·))): in the GEMMs' epilogues where they fuse
+        x = Attention(cfg.hidden_size, cfg.num_heads, cfg.attention, name="attn")(
+            h, Epilogue(gate=gate_msa, residual=x))
         eps = cfg.norm_eps if cfg.mlp_norm_eps is None else cfg.mlp_norm_eps
-        h = norm_linear(self, x, Norm("layer", eps), shift=shift_mlp, scale=scale_mlp, linears=("mlp/fc1",))
-        x = x + gate_mlp[:, None] * Mlp(cfg.hidden_size, cfg.mlp_hidden, name="mlp")(h)
+        h = norm_linear(self, x, Norm("layer", eps), shift=shift_mlp, scale=scale_mlp, linears=("mlp/fc1",),
+                        acts={"mlp/fc1": GELU})
+        x = Mlp(cfg.hidden_size, cfg.mlp_hidden, name="mlp")(h, Epilogue(gate=gate_mlp, residual=x))
         return x, c
 
 

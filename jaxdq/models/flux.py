@@ -51,7 +51,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.models.dit import FREQ_EMBED_DIM, Mlp, layer_norm, modulate, patchify, timestep_embedding
+from jaxdq.backend import Epilogue
+from jaxdq.models.dit import FREQ_EMBED_DIM, GELU, Mlp, layer_norm, modulate, patchify, timestep_embedding
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
 from jaxdq.norm_linear import Norm, norm_linear
@@ -323,12 +324,16 @@ class FluxTransformerBlock(nn.Module):
             norm_linear(self, img, norm, shift=sh, scale=sc, linears=("attn/to_q", "attn/to_k", "attn/to_v")),
             norm_linear(self, txt, norm, shift=csh, scale=csc,
                         linears=("attn/add_q_proj", "attn/add_k_proj", "attn/add_v_proj")), cos, sin)
+        # x + gate · fc2(GELU(fc1(·))): in the GEMMs' epilogues where they fuse
         img = img + g[:, None] * a_img
-        img = img + g2[:, None] * Mlp(d, cfg.mlp_hidden, name="ff")(
-            norm_linear(self, img, norm, shift=sh2, scale=sc2, linears=("ff/fc1",)))
+        img = Mlp(d, cfg.mlp_hidden, name="ff")(
+            norm_linear(self, img, norm, shift=sh2, scale=sc2, linears=("ff/fc1",), acts={"ff/fc1": GELU}),
+            Epilogue(gate=g2, residual=img))
         txt = txt + cg[:, None] * a_txt
-        txt = txt + cg2[:, None] * Mlp(d, cfg.mlp_hidden, name="ff_context")(
-            norm_linear(self, txt, norm, shift=csh2, scale=csc2, linears=("ff_context/fc1",)))
+        txt = Mlp(d, cfg.mlp_hidden, name="ff_context")(
+            norm_linear(self, txt, norm, shift=csh2, scale=csc2, linears=("ff_context/fc1",),
+                        acts={"ff_context/fc1": GELU}),
+            Epilogue(gate=cg2, residual=txt))
         return img, txt
 
 
@@ -346,11 +351,12 @@ class FluxSingleTransformerBlock(nn.Module):
         # h = modulate(layer_norm(x), shift, scale), read by proj_mlp and q/k/v (FLUX's linear1):
         # under kernels one fused norm-quantize for all four
         h = norm_linear(self, x, Norm("layer", NORM_EPS), shift=shift, scale=scale,
-                        linears=("proj_mlp", "attn/to_q", "attn/to_k", "attn/to_v"))
-        mlp = nn.gelu(Linear(cfg.mlp_hidden, role="ffn", name="proj_mlp")(h), approximate=True)
+                        linears=("proj_mlp", "attn/to_q", "attn/to_k", "attn/to_v"), acts={"proj_mlp": GELU})
+        mlp = Linear(cfg.mlp_hidden, role="ffn", name="proj_mlp")(h, Epilogue(act=GELU))
         attn = _SingleAttention(cfg, name="attn")(h, cos, sin)
-        out = Linear(d, role="ffn", name="proj_out")(jnp.concatenate([attn, mlp], axis=-1))
-        return x + gate[:, None] * out
+        # x + gate · proj_out(·) in its GEMM's epilogue where it fuses
+        return Linear(d, role="ffn", name="proj_out")(jnp.concatenate([attn, mlp], axis=-1),
+                                                      Epilogue(gate=gate, residual=x))
 
 
 class _SingleAttention(nn.Module):

@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdq.models.dit import (Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, check_transformer_dims, layer_norm,
+from jaxdq.backend import Epilogue
+from jaxdq.models.dit import (GELU, Mlp, PatchEmbed, TimestepEmbedder, _sincos_1d, check_transformer_dims, layer_norm,
                               patchify, unpatchify)
 from jaxdq.models.attention import attention, check_attention_impl
 from jaxdq.nn import Linear
@@ -234,11 +235,12 @@ class SelfAttention(nn.Module):
     impl: str = "float32"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, epilogue: Optional[Epilogue] = None) -> jax.Array:
+        """``epilogue``: what follows ``proj`` (``x + gate · proj(·)``; fused where it can be)."""
         n, t, d = x.shape
         qkv = Linear(3 * d, role=self.role, name="qkv")(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)
         out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], impl=self.impl)
-        return Linear(d, role=self.role, name="proj")(out.reshape(n, t, d).astype(x.dtype))
+        return Linear(d, role=self.role, name="proj")(out.reshape(n, t, d).astype(x.dtype), epilogue)
 
 
 class CrossAttention(nn.Module):
@@ -249,14 +251,15 @@ class CrossAttention(nn.Module):
     impl: str = "float32"
 
     @nn.compact
-    def __call__(self, x: jax.Array, context: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, bias: Optional[jax.Array] = None,
+                 epilogue: Optional[Epilogue] = None) -> jax.Array:
         n, t, d = x.shape
         hd = d // self.num_heads
         q = Linear(d, role="cross-attn", name="q")(x).reshape(n, t, self.num_heads, hd)
         kv = Linear(2 * d, role="cross-attn:kv", name="kv")(context.astype(x.dtype))
         kv = kv.reshape(n, context.shape[1], 2, self.num_heads, hd)
         out = attention(q, kv[:, :, 0], kv[:, :, 1], bias, impl=self.impl)
-        return Linear(d, role="cross-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype))
+        return Linear(d, role="cross-attn", name="proj")(out.reshape(n, t, d).astype(x.dtype), epilogue)
 
 
 def CaptionProjection(hidden_size: int, name: str = "caption_projection") -> Mlp:
@@ -317,12 +320,14 @@ class PixArtBlock(nn.Module):
         # h = layer_norm(x) * (1 + scale) + shift; the quantize fuses into the norm under kernels.
         # (attn2's q reads x itself: PixArt has no norm before the cross-attention.)
         norm = Norm("layer", self.norm_eps)
+        # x + gate · proj(·), x + proj(·), x + gate · fc2(GELU(fc1(·))): in the GEMMs' epilogues where they fuse
         h = norm_linear(self, x, norm, shift=shift_msa, scale=scale_msa, linears=("attn1/qkv",))
-        x = x + gate_msa * SelfAttention(self.num_heads, self.self_attn_role, self.attention, name="attn1")(h)
+        x = SelfAttention(self.num_heads, self.self_attn_role, self.attention, name="attn1")(
+            h, Epilogue(gate=gate_msa[:, 0], residual=x))
         if self.cross_attention:
-            x = x + CrossAttention(self.num_heads, self.attention, name="attn2")(x, context, bias)
-        h = norm_linear(self, x, norm, shift=shift_mlp, scale=scale_mlp, linears=("ff/fc1",))
-        return x + gate_mlp * Mlp(d, self.mlp_hidden, name="ff")(h)
+            x = CrossAttention(self.num_heads, self.attention, name="attn2")(x, context, bias, Epilogue(residual=x))
+        h = norm_linear(self, x, norm, shift=shift_mlp, scale=scale_mlp, linears=("ff/fc1",), acts={"ff/fc1": GELU})
+        return Mlp(d, self.mlp_hidden, name="ff")(h, Epilogue(gate=gate_mlp[:, 0], residual=x))
 
 
 class FinalLayer(nn.Module):
