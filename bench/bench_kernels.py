@@ -223,6 +223,10 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         # DiT's x + gate · proj(h): in the epilogue vs XLA after the GEMM (2 samples of M/2 tokens)
         variants["mgpu_ws_w8a8_gate_res"] = (jax.jit(lambda a, b, s1, s2, bb, g_, r_: ws(
             a, b, s1[:, 0], s2[0], bias=bb, gate=g_, residual=r_)), (xqm, wt, sx[:m], sw, bias, gate, resid))
+        # the residual tile TMA-copied into shared memory at the output tile's start (res_load="tma")
+        variants["mgpu_ws_w8a8_gate_res_tma"] = (jax.jit(lambda a, b, s1, s2, bb, g_, r_: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, gate=g_, residual=r_, config=hcfg(res_load="tma"))),
+            (xqm, wt, sx[:m], sw, bias, gate, resid))
         variants["mgpu_ws_w8a8_xla_gate_res"] = (jax.jit(lambda a, b, s1, s2, bb, g_, r_: (
             r_.astype(jnp.float32) + jnp.repeat(g_.astype(jnp.float32), a.shape[0] // g_.shape[0], axis=0)
             * ws(a, b, s1[:, 0], s2[0], bias=bb).astype(jnp.float32)).astype(jnp.bfloat16)),
@@ -258,7 +262,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
               "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
               "mgpu_ws_w8a8_lr32_inacc": "w8lr", "mgpu_ws_w8a8_asym": "w8asym",
-              "mgpu_ws_w8a8_gate_res": "w8gr", "mgpu_ws_w8a8_xla_gate_res": "w8gr",
+              "mgpu_ws_w8a8_gate_res": "w8gr", "mgpu_ws_w8a8_gate_res_tma": "w8gr", "mgpu_ws_w8a8_xla_gate_res": "w8gr",
               "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_tn64": "w4c", "mgpu_ws_w4a8_g64": "w4",
               "mgpu_ws_w4a4_g64": "w4a4", "mgpu_ws_w4a4_g64_lr32_fused": "w4a4lr",
               "mgpu_ws_w4a4_g64_xla_lr32": "w4a4lr", "triton_w4a4_g64_lr32": "w4a4lr"}

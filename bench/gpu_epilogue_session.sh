@@ -12,6 +12,9 @@
 #                 fusion (--no-fuse-epilogue), each also with XLA's dot merger off (--no-dot-merger):
 #                 DiT-XL/2 256², PixArt-Σ 1024²
 #                 (bf16, W8A8), FLUX.1-dev 1024² (bf16, W8A8), PixArt-Σ svdquant-w4a4 / svdquant-w4a8; profiles.
+#   PART=restma   the proj / fc2 shapes of DiT, PixArt-Σ, FLUX: the GEMM with gate · y + residual in its epilogue,
+#                 the residual read directly (default) or TMA-copied at the tile's start (res_load="tma"),
+#                 and by XLA after it (not yet run).
 #   PART=defaults PixArt-Σ 1024² and FLUX.1-dev 1024², bf16 / W8A8 (the GELU in the GEMMs) / W8A8
 #                 --no-fuse-epilogue / W8A8 --fuse-residual (gate · y + residual in the GEMMs too).
 #   PART=dit      DiT-XL/2 256² only, 50 reps, each config twice (the run-to-run spread of a launch-bound step):
@@ -25,6 +28,7 @@
 #   OUT=... PART=steps T=540 bash bench/gpu_epilogue_session.sh
 #   OUT=... PART=dit T=300 bash bench/gpu_epilogue_session.sh
 #   OUT=... PART=defaults T=360 bash bench/gpu_epilogue_session.sh
+#   OUT=... PART=restma T=240 bash bench/gpu_epilogue_session.sh
 set -uo pipefail
 OUT=${OUT:?set OUT}; T=${T:-480}; PART=${PART:-lowrank}
 E2E="python bench/bench_e2e.py"
@@ -47,6 +51,13 @@ if [ "$PART" = lowrank ]; then  # one process: no quiet-session barrier needed
     { echo "== w8a8 $name: $f"; grep -n "concatenate(" "$f" | cut -c1-400 | head -40; } > "$OUT/hlo_concat_$name.txt"
     rm -rf $H
   done
+  exit 0
+elif [ "$PART" = restma ]; then  # gate · y + residual: loaded directly, by TMA, or by XLA after the GEMM
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false; mkdir -p "$OUT"
+  V='xla_bf16$,mgpu_ws_w8a8$,mgpu_ws_w8a8_gate_res$,mgpu_ws_w8a8_gate_res_tma$,mgpu_ws_w8a8_xla_gate_res$'
+  C="python3 bench/bench_kernels.py --out $OUT/residual_tma_h200.json --reps 20 --only 1,3,5,7,10,12,16 --variants '$V'"
+  echo "$C" > "$OUT/commands.txt"; t0=$SECONDS
+  timeout "$T" bash -c "$C" > "$OUT/log_restma.txt" 2>&1; echo "restma rc=$? wall_s=$((SECONDS - t0))" | tee "$OUT/timing.txt"
   exit 0
 elif [ "$PART" = dit ]; then  # the launch-bound step again: each config twice, 50 reps
   A="$D --profile --reps 50"

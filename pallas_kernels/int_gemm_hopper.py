@@ -68,13 +68,14 @@ def lowrank_alias_rows(*, tile_m: int, tile_n: int, rank: int, store_tile: int, 
 
 def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, tile_k: int, w4: bool,
                grouped: bool, rank: int, out_slots: int, out_bytes: int, interpret: bool = False,
-               progressive: bool = False, lr_alias: bool = False, store_tile: int = 0) -> int:
+               progressive: bool = False, lr_alias: bool = False, store_tile: int = 0,
+               res_tile_bytes: int = 0) -> int:
     """Shared memory of one :func:`int8_gemm_ws` CTA with ``steps`` pipeline stages, barriers
     aside: the X/W (and scale-row, or progressive zero/scale-row) stages, the double-buffered
     epilogue tiles (``out_slots`` elements per warpgroup), the low-rank operand tiles (in the
     epilogue tiles' bytes with ``lr_alias``, given ``store_tile`` elements per store tile:
-    :func:`lowrank_alias_rows`), the int4 → int8
-    weight tiles, and the interpreter's transpose buffers."""
+    :func:`lowrank_alias_rows`), the residual tiles read by TMA (``res_tile_bytes`` per
+    warpgroup), the int4 → int8 weight tiles, and the interpreter's transpose buffers."""
     per_step = (cta_m * tile_k + cta_n * tile_k // (2 if w4 else 1) + (4 * (cta_m + cta_n) if grouped else 0)
                 + (2 * cta_n if progressive else 0))
     if rank and lr_alias:
@@ -83,7 +84,7 @@ def smem_bytes(steps: int, *, cta_m: int, cta_n: int, tile_m: int, tile_n: int, 
         epi = 2 * rows * rank * 2
     else:
         epi = 2 * out_slots * out_bytes + (2 * (tile_m + tile_n) * rank * 2 if rank else 0)
-    fixed = (epi
+    fixed = (epi + 2 * res_tile_bytes
              + (2 * 2 * tile_n * tile_k if w4 or progressive else 0)
              + (2 * tile_k * tile_n + 2 * max(rank, 16) * tile_n * 2 if interpret else 0))
     return fixed + steps * per_step
@@ -140,10 +141,12 @@ def wgmma_vector(ref, reduced_dim: int, *, interpret, gmem: bool = False):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
 
-def store_tiles(y, out_smem, dst, wg, *, epi_m: int, epi_n: int):
-    """Write a warpgroup's ``y [tile_m, tile_n]`` (already ``out_dtype``) to ``dst`` (its HBM tile)
+def store_tiles(y, out_smem, dst, wg, *, epi_m: int, epi_n: int, add=None, out_dtype=None):
+    """Write a warpgroup's ``y [tile_m, tile_n]`` (``out_dtype``) to ``dst`` (its HBM tile)
     through the two ``out_smem[wg, slot]`` store tiles of ``[epi_m, epi_n]``, alternating slots
-    so one TMA store is in flight while the next tile is written.  Inside a Mosaic GPU kernel."""
+    so one TMA store is in flight while the next tile is written.  Inside a Mosaic GPU kernel.
+    ``add(rows, j)``: an f32 ``[epi_m, epi_n]`` term added to store tile (rows, column tile j) of
+    an f32 ``y`` before its cast to ``out_dtype``."""
     tile_m, tile_n = y.shape
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     for emi in range(tile_m // epi_m):
@@ -152,7 +155,8 @@ def store_tiles(y, out_smem, dst, wg, *, epi_m: int, epi_n: int):
             es_n = slice(eni * epi_n, (eni + 1) * epi_n)
             slot = (emi * (tile_n // epi_n) + eni) % 2
             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-            out_smem[wg, slot] = y[es_m, es_n]
+            t = y[es_m, es_n]
+            out_smem[wg, slot] = t if add is None else (t + add(es_m, eni)).astype(out_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], dst.at[es_m, es_n])
 
@@ -199,6 +203,11 @@ class HopperGemmConfig:
       a ``plgpu.RefUnion``: their lifetimes are disjoint, so the pipeline keeps its depth) or
       "separate" (their own buffers: at ``tile_n`` 128 the pipeline loses a stage).  The GPU
       interpreter has no rule for aliased refs: interpret mode always uses "separate".
+    res_load: how the epilogue reads ``residual``: "direct" (each thread loads its fragment
+      from HBM in the WGMMA layout after the main loop: uncoalesced, nothing to hide it) or
+      "tma" (the tile is copied into its own shared memory when the output tile starts, under
+      the main loop, and read from there: ``2 · tile_m · tile_n`` more bytes, which can cost a
+      pipeline stage, :func:`smem_bytes`).
     interpret: None, or the Mosaic GPU interpreter's params (:func:`gpu_interpret_params`).
     """
 
@@ -213,11 +222,14 @@ class HopperGemmConfig:
     num_sms: Optional[int] = None
     lr_in_acc: bool = False
     lr_smem: str = "alias"
+    res_load: str = "direct"
     interpret: Any = None
 
     def __post_init__(self):
         if self.lr_smem not in ("alias", "separate"):
             raise ValueError(f"lr_smem must be 'alias' or 'separate', got {self.lr_smem!r}")
+        if self.res_load not in ("direct", "tma"):
+            raise ValueError(f"res_load must be 'direct' or 'tma', got {self.res_load!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "activation"))
@@ -364,11 +376,20 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     num_out_slots = min(2, (tile_m * tile_n) // (epi_tile_m * epi_tile_n))
     store_tile = epi_tile_m * epi_tile_n
     lr_alias = has_lr and config.lr_smem == "alias" and not interpret
+    res_tma = has_res and config.res_load == "tma"
+    res_dtype = residual.dtype if has_res else out_dtype
+    # one buffer and copy per store-tile column chunk: a tiled SMEM column slice is not contiguous,
+    # which a TMA copy needs, and the epilogue adds each chunk to its own store tiles
+    res_cols = epi_tile_n
+    res_chunks = tile_n // res_cols
+    if res_tma and (tile_n % res_cols or res_cols * jnp.dtype(res_dtype).itemsize > 128):
+        raise ValueError(f"res_load='tma' needs epi_tile_n dividing tile_n, at most 128 bytes a row: {res_cols}")
     smem = functools.partial(
         smem_bytes, cta_m=cta_m, cta_n=cta_n, tile_m=tile_m, tile_n=tile_n, tile_k=tile_k, w4=w4,
         grouped=grouped, rank=r, out_slots=num_out_slots * store_tile,
         out_bytes=jnp.dtype(out_dtype).itemsize, interpret=bool(interpret), progressive=pg,
-        lr_alias=lr_alias, store_tile=store_tile)
+        lr_alias=lr_alias, store_tile=store_tile,
+        res_tile_bytes=tile_m * tile_n * jnp.dtype(res_dtype).itemsize if res_tma else 0)
     # e.g. int4 weights with warpgroups split along M: 4 steps need 262 KB > 227 KB
     while max_concurrent_steps > 2 and smem(max_concurrent_steps) > SMEM_BUDGET:
         max_concurrent_steps -= 1
@@ -424,11 +445,14 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
             out_smem=epi_alloc,
             lr_smem=lr_alloc,
             lr_bar=plgpu.Barrier(num_barriers=4) if has_lr else None,  # one per copy: each arrives once
+            res_smem=plgpu.SMEM((2, res_chunks, tile_m, res_cols), res_dtype,
+                                transforms=smem_transforms(res_cols, 16)) if res_tma else None,
+            res_bar=plgpu.Barrier(num_barriers=2 * res_chunks) if res_tma else None,  # one per copy
             w8_smem=plgpu.SMEM((2, 2, tile_n, tile_k), jnp.int8, transforms=in_tr) if w4 or pg else None,
             tr_smem=(plgpu.SMEM((2, tile_k, tile_n), code_dt), plgpu.SMEM((2, max(r, 16), tile_n), jnp.bfloat16))
             if interpret else None,
             collective_axes="wg")
-        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, w8_smem, tr_smem):
+        def _scope(pipeline_allocs, out_smem, lr_smem, lr_bar, res_smem, res_bar, w8_smem, tr_smem):
             wg = lax.axis_index("wg")
             if lr_alias:  # this warpgroup's xa rows, then its l2ᵀ rows, in its epilogue bytes
                 out_smem, lr_buf = out_smem
@@ -478,13 +502,24 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                         b_idx = jnp.minimum((mi * cta_m) // tokens, batch - 1)  # padded rows: the last
                         grow = vec_load(g_gmem.at[pl.ds(b_idx * n, n)].at[cn].at[wn], 0, gmem=True)
                         y = y * lax.broadcast_in_dim(grow, shape, [1])
+                    dst = out_gmem.at[cm, cn].at[wm, wn]
+                    if res_tma:  # the chunks start_lowrank_loads copied in under the main loop
+                        for c in range(res_chunks):
+                            plgpu.barrier_wait(res_bar.at[wg * res_chunks + c])
+
+                        def add_res(rows, j):
+                            chunk = res_smem.at[wg, j].at[rows]
+                            res = chunk[...] if interpret else plgpu.load(chunk, (), layout=plgpu.Layout.WGMMA)
+                            return res.astype(jnp.float32)
+                        store_tiles(y, out_smem, dst, wg, epi_m=epi_tile_m, epi_n=epi_tile_n, add=add_res,
+                                    out_dtype=out_dtype)
+                        return
                     if has_res:
                         r_tile = r_gmem.at[cm, cn].at[wm, wn]
                         res = r_tile[...] if interpret else plgpu.load(
                             r_tile, (), layout=plgpu.Layout.WGMMA, optimized=False)
                         y = y + res.astype(jnp.float32)
-                    store_tiles(y.astype(out_dtype), out_smem, out_gmem.at[cm, cn].at[wm, wn], wg,
-                                epi_m=epi_tile_m, epi_n=epi_tile_n)
+                    store_tiles(y.astype(out_dtype), out_smem, dst, wg, epi_m=epi_tile_m, epi_n=epi_tile_n)
 
                 def k_by_n(ref_nk, which):
                     """A K-major ``[n, k]`` SMEM operand as wgmma's ``[k, n]`` B operand."""
@@ -496,6 +531,13 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                     return dst
 
                 def start_lowrank_loads():
+                    """The copies the epilogue waits for, issued before the main loop: the
+                    low-rank tiles and (``res_load="tma"``) the residual tile."""
+                    if res_tma:  # this warpgroup read its previous tile in its own epilogue
+                        for c in range(res_chunks):
+                            cols = pl.ds(c * res_cols, res_cols)
+                            plgpu.copy_gmem_to_smem(r_gmem.at[cm, cn].at[wm, wn].at[:, cols],
+                                                    res_smem.at[wg, c], res_bar.at[wg * res_chunks + c])
                     if has_lr:  # issue the low-rank tiles' loads before the main loop
                         if lr_alias:  # the previous tile's stores must have read these bytes
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)

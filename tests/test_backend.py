@@ -133,14 +133,14 @@ def test_hopper_epilogue_fuses_and_matches_reference(act, gated):
     pol = backend.policy("kernels", gemm="hopper", interpret=True, fuse_residual=True)
     q = _qlinear(34, w_spec=C8, lowrank=False, smooth=False, layout="nk")
     k = _keys(35, 3)
-    x = (jax.random.normal(k[0], (2, 256, K)) * 4).astype(jnp.bfloat16)  # 256 tokens per sample
-    gate = jax.random.normal(k[1], (2, N)).astype(jnp.bfloat16) if gated else None
-    res = jax.random.normal(k[2], (2, 256, N)).astype(jnp.bfloat16) if gated else None
+    x = (jax.random.normal(k[0], (1, 256, K)) * 4).astype(jnp.bfloat16)  # one sample of 256 tokens (two: tests/test_kernels.py)
+    gate = jax.random.normal(k[1], (1, N)).astype(jnp.bfloat16) if gated else None
+    res = jax.random.normal(k[2], (1, 256, N)).astype(jnp.bfloat16) if gated else None
     epi = backend.Epilogue(gate=gate, residual=res, act=act)
     assert backend.fuse_epilogue(q, x, epi, pol)
     # not fused: an f32 residual stream or model (it would be rounded to the kernel's bf16
     # output), a CTA tile spanning two samples, or the policy's switch
-    assert not backend.fuse_epilogue(q, x, epi.replace(residual=jnp.zeros((2, 256, N))), pol) or not gated
+    assert not backend.fuse_epilogue(q, x, epi.replace(residual=jnp.zeros((1, 256, N))), pol) or not gated
     assert not backend.fuse_epilogue(q, x.astype(jnp.float32), epi, pol)
     assert not backend.fuse_epilogue(q, jax.ShapeDtypeStruct((4, 128, K), jnp.bfloat16), epi, pol)
     off = backend.policy("kernels", gemm="hopper", interpret=True, fuse_epilogue=False)
@@ -148,7 +148,7 @@ def test_hopper_epilogue_fuses_and_matches_reference(act, gated):
     act_only = backend.policy("kernels", gemm="hopper", interpret=True)  # the default: the GELU alone
     assert backend.fuse_epilogue(q, x, epi, act_only) == (not gated)
     got = backend.linear(backend.Bound(q, pol), x, epi)
-    assert got.shape == (2, 256, N) and got.dtype == jnp.bfloat16
+    assert got.shape == (1, 256, N) and got.dtype == jnp.bfloat16
     f32 = lambda a: None if a is None else a.astype(jnp.float32)  # noqa: E731
     want = backend.Epilogue(gate=f32(gate), residual=f32(res), act=act).apply(
         backend.execute(q, x.astype(jnp.float32), backend.REFERENCE))
