@@ -45,7 +45,6 @@ from jaxdq.quant.layers import (ConvGeometry, FloatConv, FloatLinear, QConv, QLi
                                 forward, map_layers)
 
 MODES = ("reference", "integer", "kernels")
-
 GEMMS = ("auto", "triton", "hopper")
 CONV_IMPLS = ("xla", "im2col")
 
@@ -502,8 +501,8 @@ def _hopper_gemm(q, codes, sx, zx, xl1, l2, bias, group, m_pad, pol, gate=None, 
         wt, w_zero, w_gscale = _weight_nk(q), None, None
         sw = w.scale.reshape(-1) if w.spec.granularity == "channel" else w.scale
     # The low-rank product goes into the scaled accumulator (no second one, so the plain
-    # tile rule applies): +2–16% over the plain GEMM on the H200 vs +8–24% with a second
-    # accumulator at tile_n 64 (bench/results/lowrank_alias_h200.json).  (The GPU interpreter
+    # tile rule applies): −1 to +17% over the plain GEMM on the H200 vs +8 to +25% with a
+    # second accumulator at tile_n 64 (bench/results/lowrank_alias_h200.json).  (The GPU interpreter
     # has no run_state rule: there the kernel uses the second accumulator itself.)
     tile_n = None  # the kernel's default (64) with group scales
     if not group:
