@@ -214,6 +214,10 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         variants["mgpu_ws_w8a8_lr32_inacc_sep"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: ws(
             a, b, s1[:, 0], s2[0], bias=bb, xa=xa, l2=ll, config=hcfg(lr_in_acc=True, lr_smem="separate"))),
             (xq, wt, sx, sw, bias, xl1, l2))
+        # each K-step's wgmma waited for before its slot is released (no delay_release): the
+        # setting under which the GPU interpreter's multi-tile runs are exact (NOTES.md)
+        variants["mgpu_ws_w8a8_inflight0"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
+            a, b, s1[:, 0], s2[0], bias=bb, config=hcfg(mma_in_flight=0))), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_s3"] = (jax.jit(lambda a, b, s1, s2, bb: ws(
             a, b, s1[:, 0], s2[0], bias=bb, config=hcfg(max_concurrent_steps=3))), (xq, wt, sx, sw, bias))
         variants["mgpu_ws_w8a8_xla_lr32"] = (jax.jit(lambda a, b, s1, s2, bb, xa, ll: (
@@ -260,7 +264,7 @@ def bench_shape(model, layer, m, k, n, timer, bw, rows, check, want=lambda name:
         refs["w4a4"] = int_gemm_reference(xq4, w4, sx4, sw4, bias=bias)
         refs["w4a4lr"] = int_gemm_reference(xq4, w4, sx4, sw4, bias=bias, xa=xl14, l2=l2)
     ref_of = {"triton_w8a8": "w8", "triton_w8a8_kmajor": "w8", "mgpu_ws_w8a8": "w8", "triton_w8a8_lr32": "w8lr",
-              "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
+              "mgpu_ws_w8a8_xla_lr32": "w8lr", "mgpu_ws_w8a8_tn64": "w8", "mgpu_ws_w8a8_inflight0": "w8", "mgpu_ws_w8a8_lr32_fused": "w8lr",
               "mgpu_ws_w8a8_lr32_inacc": "w8lr", "mgpu_ws_w8a8_asym": "w8asym",
               "mgpu_ws_w8a8_gate_res": "w8gr", "mgpu_ws_w8a8_gate_res_tma": "w8gr", "mgpu_ws_w8a8_xla_gate_res": "w8gr",
               "triton_w4a8_g64": "w4", "mgpu_ws_w4a8": "w4c", "mgpu_ws_w4a8_tn64": "w4c", "mgpu_ws_w4a8_g64": "w4",

@@ -14,7 +14,7 @@
 #                 (bf16, W8A8), FLUX.1-dev 1024² (bf16, W8A8), PixArt-Σ svdquant-w4a4 / svdquant-w4a8; profiles.
 #   PART=restma   the proj / fc2 shapes of DiT, PixArt-Σ, FLUX: the GEMM with gate · y + residual in its epilogue,
 #                 the residual read directly (default) or TMA-copied at the tile's start (res_load="tma"),
-#                 and by XLA after it (not yet run).
+#                 and by XLA after it; and the plain kernel with mma_in_flight=0 (not yet run).
 #   PART=defaults PixArt-Σ 1024² and FLUX.1-dev 1024², bf16 / W8A8 (the GELU in the GEMMs) / W8A8
 #                 --no-fuse-epilogue / W8A8 --fuse-residual (gate · y + residual in the GEMMs too).
 #   PART=dit      DiT-XL/2 256² only, 50 reps, each config twice (the run-to-run spread of a launch-bound step):
@@ -54,8 +54,8 @@ if [ "$PART" = lowrank ]; then  # one process: no quiet-session barrier needed
   exit 0
 elif [ "$PART" = restma ]; then  # gate · y + residual: loaded directly, by TMA, or by XLA after the GEMM
   export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false; mkdir -p "$OUT"
-  V='xla_bf16$,mgpu_ws_w8a8$,mgpu_ws_w8a8_gate_res$,mgpu_ws_w8a8_gate_res_tma$,mgpu_ws_w8a8_xla_gate_res$'
-  C="python3 bench/bench_kernels.py --out $OUT/residual_tma_h200.json --reps 20 --only 1,3,5,7,10,12,16 --variants '$V'"
+  V='xla_bf16$,mgpu_ws_w8a8$,mgpu_ws_w8a8_inflight0$,mgpu_ws_w8a8_gate_res$,mgpu_ws_w8a8_gate_res_tma$,mgpu_ws_w8a8_xla_gate_res$'
+  C="python3 bench/bench_kernels.py --out $OUT/residual_tma_h200.json --reps 20 --only 1,3,5,7,10,12,16,17 --variants '$V'"
   echo "$C" > "$OUT/commands.txt"; t0=$SECONDS
   timeout "$T" bash -c "$C" > "$OUT/log_restma.txt" 2>&1; echo "restma rc=$? wall_s=$((SECONDS - t0))" | tee "$OUT/timing.txt"
   exit 0

@@ -208,6 +208,10 @@ class HopperGemmConfig:
       "tma" (the tile is copied into its own shared memory when the output tile starts, under
       the main loop, and read from there: ``2 · tile_m · tile_n`` more bytes, which can cost a
       pipeline stage, :func:`smem_bytes`).
+    mma_in_flight: wgmma groups a consumer leaves in flight per K-step (``wgmma_wait``), and so
+      how many steps later it releases an operand slot (the pipeline's ``delay_release``): 1
+      overlaps consecutive K-steps' MMAs; 0 waits for each (see pallas_kernels/NOTES.md: the
+      interpreter's multi-tile failures vanish at 0; its cost on the GPU is not yet measured).
     interpret: None, or the Mosaic GPU interpreter's params (:func:`gpu_interpret_params`).
     """
 
@@ -223,6 +227,7 @@ class HopperGemmConfig:
     lr_in_acc: bool = False
     lr_smem: str = "alias"
     res_load: str = "direct"
+    mma_in_flight: int = 1
     interpret: Any = None
 
     def __post_init__(self):
@@ -230,6 +235,8 @@ class HopperGemmConfig:
             raise ValueError(f"lr_smem must be 'alias' or 'separate', got {self.lr_smem!r}")
         if self.res_load not in ("direct", "tma"):
             raise ValueError(f"res_load must be 'direct' or 'tma', got {self.res_load!r}")
+        if self.mma_in_flight not in (0, 1):
+            raise ValueError(f"mma_in_flight must be 0 or 1, got {self.mma_in_flight!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "activation"))
@@ -302,7 +309,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     tile_m, tile_n, tile_k = config.tile_m, config.tile_n, config.tile_k
     max_concurrent_steps, epi_tile_n, epi_tile_m = config.max_concurrent_steps, config.epi_tile_n, config.epi_tile_m
     grid_tile_width, wg_dim, num_sms = config.grid_tile_width, config.wg_dim, config.num_sms
-    lr_in_acc, interpret = config.lr_in_acc, config.interpret
+    lr_in_acc, interpret, in_flight = config.lr_in_acc, config.interpret, config.mma_in_flight
     m, k = xq.shape
     n = wt.shape[0]
     has_lr = xa is not None
@@ -404,17 +411,17 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
     def kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, xa_gmem, l2t_gmem, zx_gmem, ws_gmem, g_gmem, r_gmem,
                wz_gmem, wsg_gmem, out_gmem):
         specs = [plgpu.BlockSpec((cta_m, tile_k), lambda kk: (0, kk), transforms=in_tr,
-                                 memory_space=plgpu.SMEM, delay_release=1),
+                                 memory_space=plgpu.SMEM, delay_release=in_flight),
                  plgpu.BlockSpec((cta_n, tile_k), lambda kk: (0, kk), transforms=w_tr,
-                                 memory_space=plgpu.SMEM, delay_release=1)]
+                                 memory_space=plgpu.SMEM, delay_release=in_flight)]
         if grouped:
             specs += [plgpu.BlockSpec((1, cta_m), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                                      delay_release=1),
+                                      delay_release=in_flight),
                       plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                                      delay_release=1)]
+                                      delay_release=in_flight)]
         if pg_pipe:  # one int8 zero row and one int8 scale row per K-step (= group)
             specs += [plgpu.BlockSpec((1, cta_n), lambda kk: (kk, 0), memory_space=plgpu.SMEM,
-                                      delay_release=1) for _ in range(2)]
+                                      delay_release=in_flight) for _ in range(2)]
 
         def get_pipeline(pipeline_body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
@@ -585,7 +592,7 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
                     def mma_body(idx, a_smem, b_smem, *rest):
                         *zs, acc_ref = rest  # progressive groups: this K-step's zero and scale rows
                         plgpu.wgmma(acc_ref, a_smem.at[wm], weight_operand(idx[0], b_smem, *zs))
-                        plgpu.wgmma_wait(1)
+                        plgpu.wgmma_wait(in_flight)
                         return acc_ref
 
                     get_pipeline(mma_body, compute_context)(
