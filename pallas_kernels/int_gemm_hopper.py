@@ -141,6 +141,18 @@ def wgmma_vector(ref, reduced_dim: int, *, interpret, gmem: bool = False):
     return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_dim), optimized=not gmem)
 
 
+def output_tile(lin, iters: tuple, grid_tile_width: int, wg, *, cta_m: int, cta_n: int, tile_m: int,
+                tile_n: int, wg_dim: str):
+    """The persistent grid's ``lin``-th output tile (a planar snake over ``iters`` = (M, N) CTA
+    tiles): ``(mi, cm, cn, wm, wn)`` — its M tile index, its CTA rows and columns, and warpgroup
+    ``wg``'s rows and columns within them (split along N or M by ``wg_dim``).  Inside a kernel."""
+    mi, ni = plgpu.planar_snake(lin, iters, 1, grid_tile_width)
+    cm, cn = pl.ds(mi * cta_m, cta_m), pl.ds(ni * cta_n, cta_n)
+    if wg_dim == "n":
+        return mi, cm, cn, slice(None), pl.ds(wg * tile_n, tile_n)
+    return mi, cm, cn, pl.ds(wg * tile_m, tile_m), slice(None)
+
+
 def store_tiles(y, out_smem, dst, wg, *, epi_m: int, epi_n: int, add=None, out_dtype=None):
     """Write a warpgroup's ``y [tile_m, tile_n]`` (``out_dtype``) to ``dst`` (its HBM tile)
     through the two ``out_smem[wg, slot]`` store tiles of ``[epi_m, epi_n]``, alternating slots
@@ -471,13 +483,8 @@ def int8_gemm_ws(xq, wt, sx, sw, *, bias=None, xa=None, l2=None, x_zero=None, w_
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _mn_loop(info):
                 (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, grid_tile_width)
-                cm = pl.ds(mi * cta_m, cta_m)
-                cn = pl.ds(ni * cta_n, cta_n)
-                if wg_dim == "n":
-                    wm, wn = slice(None), pl.ds(wg * tile_n, tile_n)
-                else:
-                    wm, wn = pl.ds(wg * tile_m, tile_m), slice(None)
+                mi, cm, cn, wm, wn = output_tile(lin, (m_iters, n_iters), grid_tile_width, wg, cta_m=cta_m,
+                                                 cta_n=cta_n, tile_m=tile_m, tile_n=tile_n, wg_dim=wg_dim)
 
                 def epilogue(y):
                     """f32 ``y [tile_m, tile_n]`` (scales applied) → + bias + low rank → HBM."""

@@ -84,7 +84,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.int_gemm_hopper import SMEM_BUDGET, device_num_sms, smem_transforms, store_tiles, wgmma_vector
+from pallas_kernels.int_gemm_hopper import (SMEM_BUDGET, device_num_sms, output_tile, smem_transforms, store_tiles,
+                                            wgmma_vector)
 
 __all__ = ["TwinLogHopperConfig", "twinlog_gemm_hopper", "twinlog_hopper_config", "twinlog_hopper_operands",
            "decode_constants", "decode_twinlog_hopper_reference", "twinlog_gemm_hopper_reference",
@@ -306,13 +307,8 @@ def _kernel_fn(c: TwinLogHopperConfig, p: _Plan, *, k_iters: int, mn_iters: tupl
             @plgpu.nd_loop((mn_iters[0] * mn_iters[1],), collective_axes="sm")
             def _mn_loop(info):
                 (lin,) = info.index
-                mi, ni = plgpu.planar_snake(lin, mn_iters, 1, c.grid_tile_width)
-                cm = pl.ds(mi * cta_m, cta_m)
-                cn = pl.ds(ni * cta_n, cta_n)
-                if p.wg_dim == "n":
-                    wm, wn = slice(None), pl.ds(wg * tile_n, tile_n)
-                else:
-                    wm, wn = pl.ds(wg * tile_m, tile_m), slice(None)
+                _, cm, cn, wm, wn = output_tile(lin, mn_iters, c.grid_tile_width, wg, cta_m=cta_m, cta_n=cta_n,
+                                                tile_m=tile_m, tile_n=tile_n, wg_dim=p.wg_dim)
 
                 def epilogue(y):
                     """f32 ``y [tile_m, tile_n]`` (scaled) + bias → ``out_dtype`` → SMEM → HBM."""
